@@ -1,0 +1,82 @@
+"""Exact EVF-SAM preprocessing and postprocessing (SPEC section 2).
+
+Every function here is checked bit-exact (or to float rounding) against the parity fixtures.
+Images enter as uint8 RGB arrays of shape (H, W, 3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+BEIT3_IMAGE_SIZE = 224
+
+
+def _check_rgb_uint8(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = getattr(image, "dtype", type(image).__name__), getattr(image, "shape", None)
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got dtype/shape {got}")
+
+
+def sam_resize_hw(height: int, width: int, target: int = 1024) -> tuple[int, int]:
+    """The (h', w') that SAM-1 resizes an (H, W) image to: longest side = target, rounded half up."""
+    scale = target / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def _normalise_sam(pixels_uint8: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(pixels_uint8)).permute(2, 0, 1).float()
+    mean = torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def sam_preprocess(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM-1 input: Pillow bilinear resize of the longest side to `image_size`, raw 0-255 floats
+    normalised with SAM's mean/std, zero-padded right and bottom. Returns ((3, S, S), (h', w'))."""
+    _check_rgb_uint8(image)
+    h, w = image.shape[:2]
+    rh, rw = sam_resize_hw(h, w, image_size)
+    resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR))
+    x = _normalise_sam(resized)
+    x = F.pad(x, (0, image_size - rw, 0, image_size - rh))
+    return x, (rh, rw)
+
+
+def sam2_preprocess(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM-2 input: plain Pillow bilinear resize to (S, S) (aspect ratio not kept, no padding),
+    SAM's mean/std. Returns ((3, S, S), (S, S))."""
+    _check_rgb_uint8(image)
+    resized = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+    return _normalise_sam(resized), (image_size, image_size)
+
+
+def beit3_preprocess(image: np.ndarray, image_size: int = BEIT3_IMAGE_SIZE) -> torch.Tensor:
+    """BEiT-3 input: /255, torch bicubic resize to (S, S) without antialias or clamping, then
+    (x - 0.5) / 0.5. Returns (3, S, S)."""
+    _check_rgb_uint8(image)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
+    x = F.interpolate(x[None], size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=False)[0]
+    return (x - 0.5) / 0.5
+
+
+def postprocess_masks(
+    low_res_logits: torch.Tensor,
+    resize_hw: tuple[int, int],
+    original_hw: tuple[int, int],
+    image_size: int = 1024,
+    padded: bool = True,
+) -> torch.Tensor:
+    """Low-res logits (N, 1, h, w) -> logits at the original size (N, 1, H, W).
+
+    SAM-1 (`padded=True`): bilinear to (S, S), crop the unpadded (h', w'), bilinear to (H, W).
+    SAM-2 (`padded=False`): bilinear straight to (H, W)."""
+    x = low_res_logits
+    if padded:
+        x = F.interpolate(x, (image_size, image_size), mode="bilinear", align_corners=False)
+        x = x[..., : int(resize_hw[0]), : int(resize_hw[1])]
+    return F.interpolate(x, (int(original_hw[0]), int(original_hw[1])), mode="bilinear", align_corners=False)
