@@ -29,7 +29,7 @@ def sam_resize_hw(height: int, width: int, target: int = 1024) -> tuple[int, int
 
 
 def _normalise_sam(pixels_uint8: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(pixels_uint8)).permute(2, 0, 1).float()
+    x = torch.from_numpy(np.array(pixels_uint8, copy=True)).permute(2, 0, 1).float()
     mean = torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1)
     std = torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1)
     return (x - mean) / std
@@ -59,7 +59,7 @@ def beit3_preprocess(image: np.ndarray, image_size: int = BEIT3_IMAGE_SIZE) -> t
     """BEiT-3 input: /255, torch bicubic resize to (S, S) without antialias or clamping, then
     (x - 0.5) / 0.5. Returns (3, S, S)."""
     _check_rgb_uint8(image)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float().div(255)
     x = F.interpolate(x[None], size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=False)[0]
     return (x - 0.5) / 0.5
 

@@ -1,0 +1,270 @@
+"""Checkpoint I/O: official EVF-SAM folders, SAM `.pth`, BEiT-3 `.pth`, the HF `facebook/sam-vit-*`
+layout, and export back to the official layout.
+
+Every load goes through `load_into`, which reports missing, unexpected and wrongly shaped keys and
+fails with a message naming them unless the caller allows a named subset. Files are read safely:
+safetensors, or `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from evfsam_lightning.models.builders import EvfSamConfig, build_model, model_config
+
+WEIGHTS_SAFETENSORS = "model.safetensors"
+WEIGHTS_BIN = "pytorch_model.bin"
+TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.json")
+#: Named subsets a caller may allow to be missing from a checkpoint (prefixes of our key names).
+SUBSETS = {
+    "sam": ("visual_model.",),
+    "beit3": ("mm_extractor.",),
+    "projector": ("text_hidden_fcs.",),
+    "sam_image_encoder": ("visual_model.vision_encoder.",),
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and keys."""
+
+
+@dataclass
+class KeyReport:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (key, expected, got)
+    loaded: int = 0
+
+    def summary(self, limit: int = 20) -> str:
+        parts = [f"{self.loaded} tensors loaded"]
+        for name, items in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if items:
+                more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+                parts.append(f"{len(items)} {name}: {', '.join(items[:limit])}{more}")
+        if self.mismatched:
+            shown = "; ".join(f"{k}: model {tuple(e)} vs checkpoint {tuple(g)}" for k, e, g in self.mismatched[:limit])
+            parts.append(f"{len(self.mismatched)} wrongly shaped: {shown}")
+        return "; ".join(parts)
+
+
+# -- reading files ------------------------------------------------------------------------------
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors`, a sharded `*.index.json`, or a torch pickle read with
+    `weights_only=True`. A corrupt or unreadable file raises `CheckpointError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        if path.name.endswith(".index.json"):
+            index = json.loads(path.read_text())["weight_map"]
+            out: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(index.values())):
+                out.update(read_state_dict(path.parent / shard))
+            return out
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return dict(obj)
+
+
+# -- key names ----------------------------------------------------------------------------------
+def from_reference(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official key names -> ours (only the SAM part is renamed)."""
+    vm = model.visual_model
+    return {("visual_model." + vm.from_reference_key(k[13:]) if k.startswith("visual_model.") else k): v
+            for k, v in state.items()}
+
+
+def to_reference(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our key names -> the official ones."""
+    vm = model.visual_model
+    return {("visual_model." + vm.to_reference_key(k[13:]) if k.startswith("visual_model.") else k): v
+            for k, v in state.items()}
+
+
+def _prefixes(allow: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for name in allow:
+        if name not in SUBSETS:
+            raise ValueError(f"unknown subset {name!r} (known: {', '.join(SUBSETS)})")
+        out.extend(SUBSETS[name])
+    return tuple(out)
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
+              allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = ()) -> KeyReport:
+    """Copy `state` (our key names) into `model`, casting each tensor to the parameter's dtype.
+
+    Missing keys are an error unless they fall in one of the `allow_missing` subsets (see SUBSETS);
+    unexpected keys are an error unless they start with one of the `allow_unexpected` prefixes;
+    a wrongly shaped key is always an error. Nothing is copied when the check fails."""
+    own = model.state_dict()
+    report = KeyReport()
+    missing_ok = _prefixes(allow_missing)
+    unexpected_ok = tuple(allow_unexpected)
+    report.missing = [k for k in own if k not in state and not k.startswith(missing_ok)]
+    report.unexpected = [k for k in state if k not in own and not k.startswith(unexpected_ok)]
+    report.mismatched = [(k, tuple(own[k].shape), tuple(v.shape)) for k, v in state.items()
+                         if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if report.missing or report.unexpected or report.mismatched:
+        raise CheckpointError(f"{source} does not fit the model: {report.summary()}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in own:
+                own[k].copy_(v.to(own[k].dtype))
+                report.loaded += 1
+    return report
+
+
+# -- the formats ----------------------------------------------------------------------------------
+def load_reference_weights(model: nn.Module, path: str | os.PathLike, **allow) -> KeyReport:
+    """A state dict under the official EVF-SAM key names (`mm_extractor.beit3.*`, `text_hidden_fcs.*`,
+    `visual_model.*`) from one file."""
+    return load_into(model, from_reference(model, read_state_dict(path)), source=str(path), **allow)
+
+
+def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> KeyReport:
+    """SAM's own `sam_vit_*.pth` (keys `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`) into
+    the SAM part; BEiT-3 and the projector are left as they are."""
+    state = read_state_dict(path)
+    state = {"visual_model." + k: v for k, v in state.items()}
+    return load_into(model, from_reference(model, state), source=str(path), allow_missing=("beit3", "projector"))
+
+
+def load_hf_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> KeyReport:
+    """transformers' `facebook/sam-vit-*` layout (a folder or its `model.safetensors`) into the SAM part."""
+    path = Path(path)
+    state = read_state_dict(_weights_file(path) if path.is_dir() else path)
+    shared = state.pop("shared_image_embedding.positional_embedding", None)
+    pe = state.get("prompt_encoder.shared_embedding.positional_embedding")
+    if shared is not None and pe is not None and not torch.equal(shared, pe):
+        raise CheckpointError(f"{path}: shared_image_embedding and the prompt encoder's positional "
+                              "matrix differ; the model has one copy")
+    state = {"visual_model." + k: v for k, v in state.items()}
+    return load_into(model, state, source=str(path), allow_missing=("beit3", "projector"))
+
+
+def load_beit3_checkpoint(model: nn.Module, path: str | os.PathLike,
+                          allow_unexpected: Iterable[str] = ()) -> KeyReport:
+    """A BEiT-3 `.pth` (`{"model": {"beit3.*": ...}}`) into the fusion encoder. Keys outside `beit3.`
+    (task heads of other BEiT-3 checkpoints) are errors unless their prefixes are allowed."""
+    state = read_state_dict(path)
+    state = {"mm_extractor." + k: v for k, v in state.items()}
+    return load_into(model, state, source=str(path), allow_missing=("sam", "projector"),
+                     allow_unexpected=tuple("mm_extractor." + p for p in allow_unexpected))
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in (WEIGHTS_SAFETENSORS, WEIGHTS_SAFETENSORS + ".index.json", WEIGHTS_BIN, WEIGHTS_BIN + ".index.json"):
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: no weights file ({WEIGHTS_SAFETENSORS} or {WEIGHTS_BIN}, or a sharded index)")
+
+
+_REFERENCE_SCALES = {("sam", "huge", "large"): "evf-sam", ("sam", "huge", "base"): "evf-sam-beit3-base"}
+
+
+def folder_model_config(folder: str | os.PathLike) -> EvfSamConfig:
+    """The model config of a checkpoint folder: our `evfsam_lightning` block of `config.json` when
+    present, else the official `sam_scale` / `mm_extractor_scale` fields."""
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{folder}: config.json not found (an EVF-SAM checkpoint folder has config.json, "
+                              "model weights and tokenizer files)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+    if "evfsam_lightning" in cfg:
+        return model_config(cfg["evfsam_lightning"]["model"])
+    family = "sam2" if any("Sam2" in a for a in cfg.get("architectures", [])) else "sam"
+    key = (family, cfg.get("sam_scale", "huge"), cfg.get("mm_extractor_scale", "large"))
+    if key not in _REFERENCE_SCALES:
+        raise CheckpointError(f"{cfg_file}: no known model for family/sam_scale/mm_extractor_scale {key}")
+    return model_config(_REFERENCE_SCALES[key])
+
+
+def load_reference_folder(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                          with_tokenizer: bool = True):
+    """An EVF-SAM checkpoint folder (official or exported by us): `config.json`, `model.safetensors`
+    or `pytorch_model.bin`, and tokenizer files. Returns (model, tokenizer or None)."""
+    folder = Path(folder)
+    cfg = folder_model_config(folder)
+    weights = _weights_file(folder)
+    tokenizer = None
+    if with_tokenizer:
+        from evfsam_lightning.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(folder)
+    model = build_model(cfg, device="meta")
+    model.to_empty(device=device)
+    load_reference_weights(model, weights)
+    return model, tokenizer
+
+
+def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                     dtype: torch.dtype | None = None, extra_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` in the official layout: `model.safetensors` under official key names,
+    `config.json` (official fields plus our full dimensions) and the tokenizer files. The folder
+    is assembled under a temporary name and moved into place, so it is complete or absent."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    state = to_reference(model, model.state_dict())
+    if extra_state:
+        state.update(extra_state)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in state.items()}
+    cfg: EvfSamConfig = model.config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
+        config = {
+            "architectures": ["EvfSam2Model" if cfg.family == "sam2" else "EvfSamModel"],
+            "model_type": "evf",
+            "hidden_size": cfg.beit3.embed_dim,
+            "out_dim": cfg.sam.prompt_dim,
+            "sam_scale": "huge" if cfg.family == "sam" else "large",
+            "mm_extractor_scale": "base" if cfg.beit3.embed_dim == 768 else "large",
+            "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+            "torch_dtype": str(dtype or next(iter(state.values())).dtype).replace("torch.", ""),
+            "evfsam_lightning": {"model": cfg.to_dict()},
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+            if not (tmp / TOKENIZER_FILES[0]).is_file():
+                raise CheckpointError(f"{tokenizer_dir}: no {TOKENIZER_FILES[0]} to export with the model")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,135 @@
+"""The EVF-SAM model: BEiT-3 reads image and expression together; its first output token (the vision
+CLS position), projected to the prompt width, prompts the SAM mask decoder.
+
+Parameter names follow the official checkpoints: `mm_extractor.beit3.*`, `text_hidden_fcs.0.*`,
+`visual_model.*` (the SAM part, renamed by the backbone where it uses transformers' modules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from evfsam_lightning.data import transforms
+from evfsam_lightning.models.beit3 import Beit3
+from evfsam_lightning.models.sam import SamBackbone
+
+
+@dataclass
+class EvfOutput:
+    """Per-expression outputs of a forward pass (N expressions over B images)."""
+
+    low_res_logits: torch.Tensor  # (N, 1, 4h, 4w)
+    iou_predictions: torch.Tensor  # (N, 1)
+    logits: list[torch.Tensor] | None  # per image (n_i, H_i, W_i) at original resolution
+    prompt_embeddings: torch.Tensor  # (N, 1, C)
+
+
+class MultimodalExtractor(nn.Module):
+    """Holds BEiT-3 under the name the official checkpoints use (`mm_extractor.beit3`)."""
+
+    def __init__(self, beit3: Beit3):
+        super().__init__()
+        self.beit3 = beit3
+
+
+class EvfSam(nn.Module):
+    def __init__(self, *, beit3: Beit3, visual_model: SamBackbone):
+        super().__init__()
+        d, c = beit3.config.embed_dim, visual_model.prompt_dim
+        self.mm_extractor = MultimodalExtractor(beit3)
+        self.text_hidden_fcs = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, c))])
+        self.visual_model = visual_model
+
+    @property
+    def beit3(self) -> Beit3:
+        return self.mm_extractor.beit3
+
+    @property
+    def beit3_image_size(self) -> int:
+        return self.beit3.config.image_size
+
+    # -- stages -------------------------------------------------------------------------------
+    def encode_images(self, sam_pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SAM image features for a batch of preprocessed images (one per image, shared by all of
+        its expressions)."""
+        return self.visual_model.encode_image(sam_pixel_values)
+
+    def fusion_feature(self, beit_pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """BEiT-3's output at position 0 (vision CLS of the fused sequence): (N, 1, D)."""
+        return self.beit3(beit_pixel_values, input_ids, attention_mask)[:, :1]
+
+    def prompt_embeddings(self, beit_pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected prompt token per expression: (N, 1, C)."""
+        return self.text_hidden_fcs[0](self.fusion_feature(beit_pixel_values, input_ids, attention_mask))
+
+    # -- training / batched forward -------------------------------------------------------------
+    def forward(self, batch: dict, image_features: dict[str, torch.Tensor] | None = None,
+                full_resolution: bool = True) -> EvfOutput:
+        """Batched forward over B images and N expressions.
+
+        `batch` holds `sam_pixel_values` (B,3,S,S), `beit_pixel_values` (B,3,224,224), `input_ids` and
+        `attention_mask` (N,L), `image_index` (N,) and, for full-resolution logits, `resize_hw` and
+        `original_hw` (B,2). Pass `image_features` to skip the SAM image encoder (frozen or cached)."""
+        image_index = batch["image_index"]
+        if image_features is None:
+            image_features = self.encode_images(batch["sam_pixel_values"])
+        beit_pixels = batch["beit_pixel_values"].index_select(0, image_index)
+        prompt = self.prompt_embeddings(beit_pixels, batch["input_ids"], batch.get("attention_mask"))
+        low_res, iou = self.visual_model.decode(image_features, image_index, prompt.to(
+            next(iter(image_features.values())).dtype))
+        logits = None
+        if full_resolution:
+            logits = self.full_resolution_logits(low_res, batch)
+        return EvfOutput(low_res, iou, logits, prompt)
+
+    def full_resolution_logits(self, low_res: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+        """Per image, the logits of its expressions at the image's original size (n_i, H_i, W_i)."""
+        counts = torch.bincount(batch["image_index"], minlength=batch["resize_hw"].shape[0]).tolist()
+        resize_hw = batch["resize_hw"].tolist()
+        original_hw = batch["original_hw"].tolist()
+        out = []
+        for i, chunk in enumerate(low_res.split(counts)):
+            out.append(self.visual_model.postprocess(chunk, resize_hw[i], original_hw[i])[:, 0])
+        return out
+
+    # -- inference ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, texts: str | list[str], tokenizer, max_length: int = 64) -> torch.Tensor:
+        """Mask logits at the image's original size for one image and one or more expressions:
+        (H, W) for a single string, (N, H, W) for a list. Binary mask = logits > 0."""
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        batch = collate_inference(self, image, texts, tokenizer, max_length)
+        was_training = self.training
+        self.eval()
+        try:
+            logits = self(batch).logits[0]
+        finally:
+            self.train(was_training)
+        return logits[0] if single else logits
+
+
+def collate_inference(model: EvfSam, image: np.ndarray, texts: list[str], tokenizer,
+                      max_length: int = 64) -> dict:
+    """One image and its expressions as the batch dict `EvfSam.forward` reads."""
+    from evfsam_lightning.data.tokenizer import tokenize
+
+    device = next(model.parameters()).device
+    sam_pixels, resize_hw = model.visual_model.preprocess(image)
+    beit_pixels = transforms.beit3_preprocess(image, model.beit3_image_size)
+    ids, mask = tokenize(tokenizer, texts, max_length)
+    return {
+        "sam_pixel_values": sam_pixels[None].to(device),
+        "beit_pixel_values": beit_pixels[None].to(device),
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "image_index": torch.zeros(len(texts), dtype=torch.long, device=device),
+        "resize_hw": torch.tensor([resize_hw]),
+        "original_hw": torch.tensor([image.shape[:2]]),
+    }

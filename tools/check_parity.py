@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Check our EVF-SAM against a parity fixture of the reference implementation.
+
+    python tools/check_parity.py ../shared/fixtures/evfsam_parity_a
+
+Reads the fixture's manifest.json, builds the model from its dimensions, loads weights.safetensors
+through the public checkpoint loader, runs preprocessing, inference, the training forward with the
+loss, and the backward, and prints one row per compared tensor. Exit status 0 only if all pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from evfsam_lightning.data import transforms
+from evfsam_lightning.models.builders import build_model
+from evfsam_lightning.models.checkpoints import load_reference_weights
+from evfsam_lightning.training.losses import mask_loss
+
+FLOAT_TOL = 1e-4
+LOSS_RTOL = 1e-5
+
+
+class Report:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, str, bool]] = []
+
+    def exact(self, name: str, ours, golden) -> None:
+        ours, golden = torch.as_tensor(ours), torch.as_tensor(golden)
+        same = ours.shape == golden.shape and torch.equal(ours.to(golden.dtype), golden)
+        diff = (ours.double() - golden.double()).abs().max().item() if ours.shape == golden.shape else float("inf")
+        self.rows.append((name, diff, "exact", same))
+
+    def close(self, name: str, ours: torch.Tensor, golden: torch.Tensor, tol: float = FLOAT_TOL) -> None:
+        ours = ours.detach().double().reshape(golden.shape) if ours.numel() == golden.numel() else ours.detach()
+        ok_shape = tuple(ours.shape) == tuple(golden.shape)
+        diff = (ours - golden.double()).abs().max().item() if ok_shape else float("inf")
+        self.rows.append((name, diff, f"abs {tol:g}", ok_shape and diff <= tol))
+
+    def relative(self, name: str, ours: torch.Tensor, golden: torch.Tensor, rtol: float = LOSS_RTOL) -> None:
+        g = golden.double().item()
+        diff = abs(ours.detach().double().item() - g) / max(abs(g), 1e-12)
+        self.rows.append((name, diff, f"rel {rtol:g}", diff <= rtol))
+
+    def mask(self, name: str, ours: torch.Tensor, golden: torch.Tensor, logits: torch.Tensor, tol: float) -> None:
+        """Binary masks may differ only where the golden logit is within `tol` of the threshold."""
+        differ = ours.to(torch.uint8) != golden.to(torch.uint8)
+        bad = int((differ & (logits.abs() >= tol)).sum())
+        self.rows.append((name, float(differ.sum()), f"only |logit|<{tol:g}", bad == 0))
+
+    def print(self) -> bool:
+        width = max(len(r[0]) for r in self.rows)
+        print(f"{'tensor':<{width}}  {'max diff':>12}  {'tolerance':<18}  result")
+        for name, diff, tol, ok in self.rows:
+            print(f"{name:<{width}}  {diff:>12.3e}  {tol:<18}  {'pass' if ok else 'FAIL'}")
+        failed = [r[0] for r in self.rows if not r[3]]
+        print(f"{len(self.rows) - len(failed)} passed, {len(failed)} failed")
+        return not failed
+
+
+def model_config_from_manifest(manifest: dict) -> dict:
+    """Our model config dict from a fixture manifest's `architecture` section."""
+    arch = manifest["architecture"]
+    enc = arch["beit3"]["encoder_config"]
+    beit3 = {
+        "embed_dim": enc["encoder_embed_dim"], "depth": enc["encoder_layers"],
+        "num_heads": enc["encoder_attention_heads"], "ffn_dim": enc["encoder_ffn_embed_dim"],
+        "vocab_size": enc["vocab_size"], "image_size": enc["img_size"], "patch_size": enc["patch_size"],
+        "max_text_positions": enc["max_source_positions"], "layer_norm_eps": enc.get("layernorm_eps", 1e-5),
+    }
+    ie, pe, md = arch["sam_image_encoder"], arch["sam_prompt_encoder"], arch["sam_mask_decoder"]
+    sam = {
+        "image_size": ie["img_size"], "patch_size": ie["patch_size"], "encoder_dim": ie["embed_dim"],
+        "encoder_depth": ie["depth"], "encoder_heads": ie["num_heads"],
+        "global_attn_indexes": list(ie["global_attn_indexes"]), "window_size": ie["window_size"],
+        "mlp_ratio": ie["mlp_ratio"], "prompt_dim": md["transformer_dim"],
+        "decoder_depth": md["transformer"]["depth"], "decoder_heads": md["transformer"]["num_heads"],
+        "decoder_mlp_dim": md["transformer"]["mlp_dim"], "iou_head_depth": md["iou_head_depth"],
+        "iou_head_hidden_dim": md["iou_head_hidden_dim"], "num_multimask_outputs": md["num_multimask_outputs"],
+        "mask_in_chans": pe["mask_in_chans"],
+    }
+    return {"family": "sam", "beit3": beit3, "sam": sam}
+
+
+def check_sam1(fixture: Path, manifest: dict, report: Report) -> None:
+    io = load_file(str(fixture / "io.safetensors"))
+    inter = load_file(str(fixture / "intermediates.safetensors")) if (fixture / "intermediates.safetensors").is_file() else {}
+    model = build_model(model_config_from_manifest(manifest))
+    load_reference_weights(model, fixture / "weights.safetensors")
+    model.eval()
+    vm = model.visual_model
+    image = io["image_rgb_uint8"].numpy()
+
+    # Preprocessing
+    sam_pixels, resize_hw = vm.preprocess(image)
+    beit_pixels = transforms.beit3_preprocess(image, model.beit3_image_size)
+    report.exact("original_size_hw", torch.tensor(image.shape[:2]), io["original_size_hw"])
+    report.exact("sam_resize_hw", torch.tensor(resize_hw), io["sam_resize_hw"])
+    if "sam_resized_uint8" in inter:
+        resized = np.array(Image.fromarray(image).resize((resize_hw[1], resize_hw[0]), Image.BILINEAR))
+        report.exact("sam_resized_uint8", torch.from_numpy(resized), inter["sam_resized_uint8"])
+    report.exact("sam_pixel_values", sam_pixels[None], io["sam_pixel_values"])
+    report.exact("beit_pixel_values", beit_pixels[None], io["beit_pixel_values"])
+
+    # Inference (the reference's inference(): no padding, multimask off)
+    with torch.no_grad():
+        feats = model.encode_images(io["sam_pixel_values"])
+        report.close("image_embeddings", feats["image_embeddings"], io["image_embeddings"])
+        ids = io["input_ids"]
+        beit_out = model.beit3(io["beit_pixel_values"], ids, io["attention_mask"].bool())
+        if "beit3.encoder_out" in inter:
+            report.close("beit3.encoder_out", beit_out, inter["beit3.encoder_out"])
+        report.close("beit3_feature", beit_out[:, :1], io["beit3_feature"])
+        prompt = model.text_hidden_fcs[0](beit_out[:, :1])
+        report.close("prompt_embedding", prompt, io["prompt_embedding"])
+        report.close("sparse_embeddings", prompt, io["sparse_embeddings"])
+        h, w = feats["image_embeddings"].shape[-2:]
+        dense = vm.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
+        report.close("dense_embeddings", dense, io["dense_embeddings"])
+        if "image_pe" in inter:
+            report.close("image_pe", vm.image_positional_encoding(h, w), inter["image_pe"])
+        index = torch.zeros(1, dtype=torch.long)
+        low_res, iou = vm.decode(feats, index, prompt)
+        report.close("low_res_masks", low_res, io["low_res_masks"])
+        report.close("iou_predictions", iou, io["iou_predictions"])
+        multi_low, multi_iou = vm.decode(feats, index, prompt, multimask_output=True)
+        report.close("low_res_masks_all", torch.cat([low_res, multi_low], 1), io["low_res_masks_all"])
+        report.close("iou_predictions_all", torch.cat([iou, multi_iou], 1), io["iou_predictions_all"])
+        logits = vm.postprocess(low_res, resize_hw, image.shape[:2])[:, 0]
+        report.close("mask_logits", logits, io["mask_logits"])
+        report.mask("pred_mask", (logits[0] > 0), io["pred_mask"], io["mask_logits"][0], FLOAT_TOL)
+
+    # Training forward + loss + backward (SAM frozen, as the fixture's reference run)
+    model.train()
+    for p in model.visual_model.parameters():
+        p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    offset = io["train_offset"]
+    n = int(offset[-1])
+    counts = (offset[1:] - offset[:-1]).tolist()
+    image_index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    batch = {
+        "sam_pixel_values": io["sam_pixel_values"].expand(len(counts), -1, -1, -1),
+        "beit_pixel_values": io["beit_pixel_values"].expand(len(counts), -1, -1, -1),
+        "input_ids": io["train_input_ids"], "attention_mask": io["train_attention_masks"].bool(),
+        "image_index": image_index,
+        "resize_hw": io["sam_resize_hw"].expand(len(counts), 2),
+        "original_hw": io["original_size_hw"].expand(len(counts), 2),
+    }
+    with torch.no_grad():
+        frozen_feats = model.encode_images(batch["sam_pixel_values"])
+    out = model(batch, image_features=frozen_feats)
+    feature = model.fusion_feature(batch["beit_pixel_values"].index_select(0, image_index),
+                                   batch["input_ids"], batch["attention_mask"])
+    report.close("train_beit3_feature", feature, io["train_beit3_feature"])
+    report.close("train_prompt_embeddings", out.prompt_embeddings, io["train_prompt_embeddings"])
+    report.close("train_low_res_masks", out.low_res_logits, io["train_low_res_masks"])
+    targets = list(io["gt_masks"][:n].split(counts))
+    w = manifest.get("results", {}).get("loss_weights", {})
+    losses = mask_loss(out.logits, targets, w.get("bce_loss_weight", 2.0), w.get("dice_loss_weight", 0.5))
+    report.relative("loss", losses["loss"], io["loss"])
+    report.relative("mask_bce_loss", losses["bce"], io["mask_bce_loss"])
+    report.relative("mask_dice_loss", losses["dice"], io["mask_dice_loss"])
+    losses["loss"].backward()
+    named = dict(model.named_parameters())
+    for key in sorted(k for k in io if k.startswith("grad.")):
+        name = key[len("grad."):]
+        grad = named[name].grad
+        report.close(key, grad if grad is not None else torch.zeros_like(named[name]), io[key])
+
+    def norm(prefix: str) -> torch.Tensor:
+        grads = [p.grad.double().pow(2).sum() for k, p in named.items() if k.startswith(prefix) and p.grad is not None]
+        return torch.stack(grads).sum().sqrt()
+
+    report.close("projector_grad_norm", norm("text_hidden_fcs."), io["projector_grad_norm"])
+    if "mm_extractor_grad_norm" in io:
+        report.close("mm_extractor_grad_norm", norm("mm_extractor."), io["mm_extractor_grad_norm"])
+
+
+def run(fixture: Path) -> bool:
+    fixture = Path(fixture)
+    manifest = json.loads((fixture / "manifest.json").read_text())
+    family = manifest.get("family") or manifest.get("architecture", {}).get("family", "sam")
+    torch.manual_seed(0)
+    report = Report()
+    if family in ("sam", "sam1"):
+        check_sam1(fixture, manifest, report)
+    else:
+        from evfsam_lightning.models.sam2 import check_parity_sam2  # added with the SAM-2 backbone
+
+        check_parity_sam2(fixture, manifest, report)
+    print(f"fixture {fixture} ({manifest.get('fixture', '?')}, family {family})")
+    return report.print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("fixture", type=Path, help="fixture folder with manifest.json, weights/io safetensors")
+    args = parser.parse_args(argv)
+    return 0 if run(args.fixture) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
