@@ -1,0 +1,99 @@
+"""evfsam-predict: segment what a sentence refers to in one image.
+
+    evfsam-predict --checkpoint CHECKPOINT_DIR --image photo.jpg --text "the dog on the left" \
+        --out mask.png [--overlay overlay.png]
+    evfsam-predict --demo --out demo/mask.png     # tiny random model on a generated image, no files needed
+
+CHECKPOINT_DIR is an EVF-SAM checkpoint folder in the official layout (config.json, model.safetensors
+or pytorch_model.bin, sentencepiece.bpe.model), as released or as written by evfsam-export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+DEMO_TEXT = "the red circle"
+
+
+def _demo_checkpoint(folder: Path) -> tuple[Path, np.ndarray]:
+    """A tiny randomly initialised model exported in the official layout, and a generated image."""
+    from evfsam_lightning.data.tokenizer import build_tokenizer
+    from evfsam_lightning.models.builders import build_model
+    from evfsam_lightning.models.checkpoints import export_reference
+
+    torch.manual_seed(0)
+    tok_dir = build_tokenizer([DEMO_TEXT, "the blue square", "the green triangle on the left"] * 10,
+                              folder / "tokenizer", vocab_size=48)
+    ckpt = export_reference(build_model("tiny"), folder / "tiny-random", tokenizer_dir=tok_dir)
+    yy, xx = np.mgrid[:96, :128]
+    image = np.full((96, 128, 3), 235, dtype=np.uint8)
+    image[(yy - 48) ** 2 + (xx - 40) ** 2 < 20**2] = (220, 30, 30)
+    image[30:70, 80:115] = (30, 60, 220)
+    return ckpt, image
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 64, 0), alpha: float = 0.5) -> np.ndarray:
+    out = image.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, dtype=np.float32)
+    return out.astype(np.uint8)
+
+
+def load_for_inference(checkpoint: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from an official-layout folder; training checkpoints come with the trainer."""
+    from evfsam_lightning.models.checkpoints import load_reference_folder
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return load_reference_folder(path, device=device)
+    raise ValueError(f"{path}: expected a checkpoint folder (config.json + weights + tokenizer)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="evfsam-predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="EVF-SAM checkpoint folder")
+    p.add_argument("--image", help="input image (any format Pillow reads)")
+    p.add_argument("--text", help="the referring expression")
+    p.add_argument("--out", required=True, help="where to write the binary mask (PNG, 0/255)")
+    p.add_argument("--overlay", help="also write the image with the mask drawn over it")
+    p.add_argument("--logits", help="also save the raw logits (.npy)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--demo", action="store_true", help="tiny random model + generated image (smoke test)")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        ckpt, image = _demo_checkpoint(out.parent / "demo_checkpoint")
+        text = args.text or DEMO_TEXT
+    else:
+        missing = [f"--{n}" for n in ("checkpoint", "image", "text") if not getattr(args, n)]
+        if missing:
+            p.error(f"missing {', '.join(missing)} (or use --demo)")
+        ckpt, text = args.checkpoint, args.text
+        try:
+            image = np.asarray(Image.open(args.image).convert("RGB"))
+        except OSError as e:
+            p.error(f"cannot read image {args.image}: {e}")
+    model, tokenizer = load_for_inference(ckpt, args.device)
+    logits = model.predict(image, text, tokenizer).float().cpu()
+    mask = (logits > 0).numpy()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(out)
+    if args.overlay:
+        Image.fromarray(overlay(image, mask)).save(args.overlay)
+    if args.logits:
+        np.save(args.logits, logits.numpy())
+    print(f"{text!r}: {int(mask.sum())} of {mask.size} pixels ({mask.mean():.1%}) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
