@@ -38,12 +38,6 @@ def _demo_checkpoint(folder: Path) -> tuple[Path, np.ndarray]:
     return ckpt, image
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 64, 0), alpha: float = 0.5) -> np.ndarray:
-    out = image.astype(np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, dtype=np.float32)
-    return out.astype(np.uint8)
-
-
 def load_for_inference(checkpoint: str | Path, device: str = "cpu"):
     """(model, tokenizer) from an official-layout folder; training checkpoints come with the trainer."""
     from evfsam_lightning.models.checkpoints import load_reference_folder
@@ -88,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     mask = (logits > 0).numpy()
     Image.fromarray(mask.astype(np.uint8) * 255).save(out)
     if args.overlay:
+        from evfsam_lightning.training.visualize import overlay
+
         Image.fromarray(overlay(image, mask)).save(args.overlay)
     if args.logits:
         np.save(args.logits, logits.numpy())

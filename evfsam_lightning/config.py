@@ -1,0 +1,264 @@
+"""One structured configuration for a run, loaded from a recipe YAML plus `key=value` overrides.
+
+Every field has a help text (shown by `evfsam-train --help-config`). Loading fails before any work
+when a key is unknown, a value has the wrong type, or a combination is impossible, with a message
+naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+def doc(default: Any = MISSING, help: str = "", factory=None):
+    """A dataclass field with its help text."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = doc("tiny", "named size: evf-sam, evf-sam-beit3-base, tiny, evf-sam2, tiny-sam2; or `custom`")
+    dims: dict[str, Any] = doc(help="with size=custom: {family, beit3: {...}, sam: {...}} dimensions", factory=dict)
+    pretrained: str | None = doc(None, "EVF-SAM checkpoint folder (official layout) to start from")
+    sam_checkpoint: str | None = doc(None, "SAM `sam_vit_*.pth` (or HF folder) for the SAM part")
+    beit3_checkpoint: str | None = doc(None, "BEiT-3 `.pth` for the fusion encoder")
+    tokenizer: str | None = doc(None, "tokenizer folder (sentencepiece.bpe.model); default: `pretrained`")
+    mode: str = doc("frozen_image_encoder", "frozen_image_encoder (reference trainable set) or full")
+    freeze: list[str] = doc(help="extra parameter-name prefixes to freeze", factory=list)
+    unfreeze: list[str] = doc(help="parameter-name prefixes to train although the mode freezes them", factory=list)
+    activation_checkpointing: bool = doc(False, "recompute BEiT-3 (and in full mode SAM) layers in backward")
+
+
+@dataclass
+class SourceConfig:
+    name: str = doc(MISSING, "source name (appears in logs and per-source metrics)")
+    urls: list[str] = doc(help="shard files: paths, globs, brace patterns, dirs with sizes.json, or pipe:", factory=list)
+    weight: float = doc(1.0, "sampling weight of this source in the training mixture")
+
+
+@dataclass
+class SyntheticConfig:
+    dir: str = doc("data/synthetic", "where the synthetic shards are (generated on first use)")
+    train: int = doc(4000, "number of training images")
+    val: int = doc(200, "number of validation images")
+    seed: int = doc(0, "generator seed")
+    grammar: str = doc("colour", "expression grammar: colour or full")
+    image_size: int = doc(128, "side of the generated images")
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = doc(help="training sources with weights", factory=list)
+    val: list[SourceConfig] = doc(help="validation sources (finite, each sample once)", factory=list)
+    synthetic: SyntheticConfig | None = doc(None, "generate the synthetic referring dataset if absent")
+    num_workers: int = doc(2, "data loader workers per rank")
+    max_expressions_per_image: int = doc(3, "objects (one expression each) drawn per training image")
+    max_text_length: int = doc(64, "tokens per expression, </s> included")
+    mixing: str = doc("sample", "sample: sources mixed per sample; batch: each batch from one source")
+    samples_per_epoch: int = doc(0, "training images per epoch over all ranks (0: one pass of the mixture)")
+    strict: bool = doc(False, "raise on a bad sample instead of skipping and counting it")
+    val_batch_size: int = doc(4, "images per validation batch per rank")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc(3e-4, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW weight decay (never on norms, biases, embedding tables)")
+    betas: list[float] = doc(help="AdamW betas", factory=lambda: [0.9, 0.95])
+    eps: float = doc(1e-8, "AdamW epsilon")
+    warmup_steps: int = doc(100, "linear warm-up steps")
+    schedule: str = doc("linear", "decay after warm-up: linear, cosine or constant")
+    min_lr_ratio: float = doc(0.0, "final LR as a fraction of lr")
+    grad_clip: float = doc(1.0, "gradient-norm clipping (0: off)")
+    bce_weight: float = doc(2.0, "weight of the BCE part of the mask loss")
+    dice_weight: float = doc(0.5, "weight of the Dice part of the mask loss")
+    max_nonfinite_steps: int = doc(20, "stop after this many consecutive non-finite losses")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = doc("auto", "auto, ddp, deepspeed (ZeRO) or fsdp (FSDP2 via ModelParallelStrategy)")
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage (1, 2 or 3)")
+    offload: bool = doc(False, "DeepSpeed ZeRO-Offload of optimizer state to CPU (DeepSpeedCPUAdam)")
+    deepspeed_config: str | None = doc(None, "raw DeepSpeed JSON passed through (overrides zero_stage/offload)")
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = doc("auto", "cpu, gpu or auto")
+    devices: int = doc(1, "devices (processes) per node")
+    num_nodes: int = doc(1, "nodes")
+    precision: str = doc("32", "32, bf16-mixed or 16-mixed")
+    global_batch_size: int = doc(8, "images per optimizer step over all ranks")
+    micro_batch_size: int = doc(8, "images per forward per rank; accumulation = global / (micro x ranks)")
+    max_steps: int = doc(1000, "optimizer steps")
+    val_every_n_steps: int = doc(500, "validate every N optimizer steps (0: only at the end)")
+    log_every_n_steps: int = doc(10, "scalar logging interval")
+    limit_val_batches: int = doc(0, "validation batches per run (0: all)")
+    deterministic: bool = doc(False, "torch deterministic algorithms")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = doc(500, "save every N optimizer steps (and always at the end)")
+    keep_top_k: int = doc(1, "best checkpoints kept by validation cIoU (besides the last)")
+    save_frozen: bool = doc(True, "false: leave frozen weights out (reloaded from their source on resume)")
+    resume: str = doc("auto", "auto (newest complete checkpoint of the run), false, or a checkpoint path")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = doc(True, "write TensorBoard logs in the run directory")
+    val_images: int = doc(8, "validation samples drawn as images (image, truth, prediction, text)")
+    progress_bar: bool = doc(True, "console progress bar")
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("run", "run name; the run directory is <root_dir>/<name> (stable across restarts)")
+    root_dir: str = doc("runs", "where run directories live")
+    seed: int = doc(0, "seed of model init and data order")
+    model: ModelConfig = doc(help="model", factory=ModelConfig)
+    data: DataConfig = doc(help="data", factory=DataConfig)
+    optim: OptimConfig = doc(help="optimisation", factory=OptimConfig)
+    trainer: TrainerConfig = doc(help="trainer", factory=TrainerConfig)
+    strategy: StrategyConfig = doc(help="distributed strategy", factory=StrategyConfig)
+    checkpoint: CheckpointConfig = doc(help="checkpoints and resume", factory=CheckpointConfig)
+    logging: LoggingConfig = doc(help="logging", factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root_dir) / self.name
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.devices * self.trainer.num_nodes
+
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return self.trainer.global_batch_size // (self.trainer.micro_batch_size * self.world_size)
+
+
+_CHOICES = {
+    "model.mode": ("frozen_image_encoder", "full"),
+    "data.mixing": ("sample", "batch"),
+    "optim.schedule": ("linear", "cosine", "constant"),
+    "strategy.name": ("auto", "ddp", "deepspeed", "fsdp"),
+    "trainer.precision": ("32", "bf16-mixed", "16-mixed"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
+}
+
+
+def _get(cfg: RunConfig, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Checks that need more than a type: allowed values and impossible combinations."""
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not allowed (allowed: {', '.join(allowed)})")
+    t = cfg.trainer
+    for key in ("devices", "num_nodes", "global_batch_size", "micro_batch_size", "max_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be at least 1")
+    per_step = t.micro_batch_size * cfg.world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by trainer.micro_batch_size "
+            f"x devices x num_nodes = {t.micro_batch_size} x {t.devices} x {t.num_nodes} = {per_step}")
+    if cfg.strategy.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"strategy.zero_stage={cfg.strategy.zero_stage} is not allowed (allowed: 1, 2, 3)")
+    if cfg.strategy.offload and cfg.strategy.name != "deepspeed":
+        raise ConfigError("strategy.offload=true needs strategy.name=deepspeed")
+    if cfg.model.size == "custom" and not cfg.model.dims:
+        raise ConfigError("model.size=custom needs model.dims")
+    if not cfg.data.train and cfg.data.synthetic is None:
+        raise ConfigError("data.train is empty and data.synthetic is not set: nothing to train on")
+    for src in cfg.data.train:
+        if src.weight <= 0:
+            raise ConfigError(f"data.train source {src.name!r}: weight={src.weight} must be positive")
+    if not cfg.checkpoint.save_frozen and cfg.model.mode == "full" and not cfg.model.freeze:
+        raise ConfigError("checkpoint.save_frozen=false with model.mode=full: there are no frozen weights to "
+                          "leave out")
+    if cfg.checkpoint.resume not in ("auto", "false") and not Path(cfg.checkpoint.resume).exists():
+        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint")
+    return cfg
+
+
+def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Recipe YAML + `key=value` overrides -> a validated `RunConfig`."""
+    base = OmegaConf.structured(RunConfig)
+    try:
+        layers = [base]
+        if recipe is not None:
+            path = Path(recipe)
+            if not path.is_file():
+                raise ConfigError(f"recipe {path} not found")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must be key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, recipe)) from None
+    return validate(cfg)
+
+
+def _explain(e: OmegaConfBaseException, recipe) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).splitlines()[0]
+    where = f" (recipe {recipe})" if recipe else ""
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _fields_at(parent)
+        return f"unknown key `{key}`{where}; allowed here: {', '.join(allowed)}"
+    return f"bad value for `{key}`{where}: {msg}"
+
+
+def _fields_at(dotted: str) -> list[str]:
+    cls: Any = RunConfig
+    for part in [p for p in dotted.split(".") if p]:
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        sub = {f.name: f.default_factory for f in dataclasses.fields(cls)}.get(part)
+        if sub in (None, dataclasses.MISSING) or not dataclasses.is_dataclass(sub):
+            return sorted(types)
+        cls = sub
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def help_text(cls: Any = RunConfig, prefix: str = "") -> str:
+    """Every key with its default and help, for `--help-config`."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            lines.append(f"{key}:  # {f.metadata.get('help', '')}")
+            lines.append(help_text(sub, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (sub() if sub else "???")
+        lines.append(f"  {key} = {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

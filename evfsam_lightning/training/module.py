@@ -1,0 +1,235 @@
+"""The LightningModule: EVF-SAM with the reference loss, optimiser, schedule and metrics."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from evfsam_lightning.config import RunConfig
+from evfsam_lightning.models import checkpoints as ck
+from evfsam_lightning.models.builders import build_model, model_config
+from evfsam_lightning.training.losses import mask_loss
+from evfsam_lightning.training.metrics import ReferringIoU
+from evfsam_lightning.training.optim import build_optimizer, lr_lambda, parameter_groups
+from evfsam_lightning.training.trainable import apply_trainable, fully_frozen_modules
+
+log = logging.getLogger(__name__)
+OTHER_SOURCE = "other"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised on every rank after too many consecutive non-finite losses."""
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), d))
+
+
+def build_configured_model(cfg: RunConfig, device: str | torch.device | None = None):
+    """The model of a run config with its pretrained weights loaded (pretrained folder, then SAM and
+    BEiT-3 checkpoints, each reporting its keys)."""
+    m = cfg.model
+    size = model_config(dict(m.dims)) if m.size == "custom" else model_config(m.size)
+    model = build_model(size, device=device, gradient_checkpointing=m.activation_checkpointing)
+    if m.pretrained:
+        folder = Path(m.pretrained)
+        ck.load_reference_weights(model, ck._weights_file(folder))
+    if m.sam_checkpoint:
+        path = Path(m.sam_checkpoint)
+        (ck.load_hf_sam_checkpoint if path.is_dir() else ck.load_sam_checkpoint)(model, path)
+    if m.beit3_checkpoint:
+        ck.load_beit3_checkpoint(model, m.beit3_checkpoint)
+    if m.activation_checkpointing and m.mode == "full" and hasattr(model.visual_model.vision_encoder,
+                                                                    "gradient_checkpointing_enable"):
+        model.visual_model.vision_encoder.gradient_checkpointing_enable({"use_reentrant": False})
+    return model
+
+
+class EvfSamModule(L.LightningModule):
+    """Train EVF-SAM. `config` is a RunConfig as a plain dict (saved in checkpoints as hparams)."""
+
+    def __init__(self, config: dict, val_sources: list[str] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = config_from_dict(config)
+        self.model = build_configured_model(self.cfg)
+        m = self.cfg.model
+        self.family = self.model.config.family
+        split = apply_trainable(self.model, self.family, m.mode, m.freeze, m.unfreeze)
+        self.frozen_names = set(split["frozen"])
+        sources = list(val_sources if val_sources is not None else [s.name for s in self.cfg.data.val])
+        self.source_ids = {name: i for i, name in enumerate(sources + [OTHER_SOURCE])}
+        self.val_iou = ReferringIoU(list(self.source_ids))
+        self.nonfinite_steps = 0
+        self._nonfinite_run = 0
+        self._skip_update = False
+        self._val_images: list[dict] = []
+        # Frozen weights left out of checkpoints come back from the pretrained source.
+        self.strict_loading = self.cfg.checkpoint.save_frozen
+
+    # -- modes ---------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in fully_frozen_modules(self.model):
+            module.eval()  # a frozen encoder never runs in train mode
+        return self
+
+    def image_features(self, batch: dict) -> dict[str, torch.Tensor]:
+        frozen = fully_frozen_modules(self.model)
+        if frozen:
+            with torch.no_grad():
+                return self.model.encode_images(batch["sam_pixel_values"])
+        return self.model.encode_images(batch["sam_pixel_values"])
+
+    # -- training ------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch, image_features=self.image_features(batch))
+        losses = mask_loss(out.logits, batch["masks"], self.cfg.optim.bce_weight, self.cfg.optim.dice_weight)
+        loss = losses["loss"]
+        self._check_finite(loss)
+        n_images = len(batch["masks"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n_images)
+        self.log("train/bce", losses["bce"], batch_size=n_images)
+        self.log("train/dice", losses["dice"], batch_size=n_images)
+        self.log("train/expressions_per_image", batch["input_ids"].shape[0] / max(1, n_images), batch_size=n_images)
+        stats = batch.get("data_stats")
+        if isinstance(stats, dict):
+            for reason, count in stats.items():
+                if isinstance(count, (int, float)):
+                    self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=n_images)
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """All ranks agree whether this micro-batch's loss is finite; a non-finite one makes the
+        optimizer step of its window a no-op (see `on_before_optimizer_step`)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if bad.item() > 0:
+            self._skip_update = True
+            self.nonfinite_steps += 1
+            self._nonfinite_run += 1
+            log.warning("non-finite loss at step %d (%d in a row)", self.global_step, self._nonfinite_run)
+            if self._nonfinite_run >= self.cfg.optim.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self._nonfinite_run} consecutive non-finite losses (optim.max_nonfinite_steps="
+                    f"{self.cfg.optim.max_nonfinite_steps}) at step {self.global_step}: lower optim.lr, "
+                    "check the data (evfsam-data inspect) or use bf16-mixed instead of 16-mixed")
+        else:
+            self._nonfinite_run = 0
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if params:
+            norm = torch.linalg.vector_norm(torch.stack([_local(p.grad).float().norm() for p in params]))
+            self.log("train/grad_norm", norm, batch_size=1)
+        if self._skip_update:
+            # AdamW skips parameters without gradients: weights and optimizer state stay untouched.
+            for p in self.model.parameters():
+                p.grad = None
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+            self._skip_update = False
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        groups = parameter_groups(self.model.named_parameters(), o.weight_decay)
+        frozen = {id(p) for n, p in self.model.named_parameters() if n in self.frozen_names}
+        if any(id(p) in frozen for g in groups for p in g["params"]):
+            raise AssertionError("a frozen parameter reached the optimizer")
+        optimizer = build_optimizer(groups, o.lr, tuple(o.betas), o.eps,
+                                    cpu_offload=self.cfg.strategy.name == "deepspeed" and self.cfg.strategy.offload)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(o.schedule, o.warmup_steps, self.cfg.trainer.max_steps, o.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- validation ----------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.model(batch, image_features=self.model.encode_images(batch["sam_pixel_values"]))
+        losses = mask_loss(out.logits, batch["masks"], self.cfg.optim.bce_weight, self.cfg.optim.dice_weight)
+        self.log("val/loss", losses["loss"], batch_size=len(batch["masks"]), sync_dist=True)
+        for i, (logits, target) in enumerate(zip(out.logits, batch["masks"], strict=True)):
+            sid = self.source_ids.get(batch["sources"][i], self.source_ids[OTHER_SOURCE])
+            self.val_iou.update(logits, target, torch.full((logits.shape[0],), sid, dtype=torch.long))
+        if len(self._val_images) < self.cfg.logging.val_images:
+            self._collect_images(batch, out.logits)
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_iou.compute()
+        self.val_iou.reset()
+        for source, r in results.items():
+            if r["expressions"] == 0:
+                continue
+            prefix = "val" if source == "all" else f"val/{source}"
+            self.log(f"{prefix}/giou", r["giou"], sync_dist=False, prog_bar=source == "all")
+            self.log(f"{prefix}/ciou", r["ciou"], sync_dist=False)
+        self._log_images()
+
+    def _collect_images(self, batch: dict, logits: list[torch.Tensor]) -> None:
+        from evfsam_lightning.data.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+        mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+        std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+        expressions = batch.get("expressions") or [""] * batch["input_ids"].shape[0]
+        offsets = batch["offsets"].tolist()
+        for i in range(len(logits)):
+            if len(self._val_images) >= self.cfg.logging.val_images:
+                return
+            h, w = batch["resize_hw"][i].tolist()
+            pixels = batch["sam_pixel_values"][i, :, :h, :w].float().cpu() * std + mean
+            oh, ow = batch["original_hw"][i].tolist()
+            image = torch.nn.functional.interpolate(pixels[None], (oh, ow), mode="bilinear")[0]
+            self._val_images.append({
+                "image": image.clamp(0, 255).byte().permute(1, 2, 0).numpy(),
+                "truth": (batch["masks"][i][0] == 1).cpu().numpy(),
+                "prediction": (logits[i][0] > 0).cpu().numpy(),
+                "text": expressions[offsets[i]],
+            })
+
+    def _log_images(self) -> None:
+        images, self._val_images = self._val_images, []
+        if not images or self.logger is None or not hasattr(self.logger.experiment, "add_image"):
+            return
+        from evfsam_lightning.training.visualize import mask_panel
+
+        for i, sample in enumerate(images):
+            self.logger.experiment.add_image(f"val_masks/{i}", mask_panel(**sample), self.global_step,
+                                             dataformats="HWC")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        if not self.cfg.checkpoint.save_frozen:
+            state = checkpoint["state_dict"]
+            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            drop = [k for k in state if k.startswith("model.") and k[len("model."):] in self.frozen_names]
+            if any(k in trainable for k in drop):
+                raise AssertionError("refusing to leave a trainable parameter out of the checkpoint")
+            for k in drop:
+                del state[k]
+            checkpoint["frozen_left_out"] = len(drop)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+        state = checkpoint.get("state_dict", {})
+        if checkpoint.get("frozen_left_out"):
+            own = {f"model.{n}" for n in self.frozen_names}
+            missing = [k for k in self.state_dict() if k not in state and k not in own and not k.startswith("val_iou")]
+            if missing:
+                raise ck.CheckpointError(f"checkpoint lacks trainable weights: {', '.join(missing[:10])}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
