@@ -205,6 +205,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._path = path
 
     def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module  # Python 2 pickles name it so
         if (module, name) not in _SAFE_GLOBALS:
             raise UnsafePickleError(f"{self._path}: refusing to load, the pickle references "
                                     f"{module}.{name} (only plain containers, strings and numbers are allowed)")
