@@ -3,7 +3,6 @@ CLI -> shards read back and checked against the source files, decoded independen
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -248,6 +247,8 @@ def test_coco_instances(tmp_path):
         {"image_id": 2, "category_id": 7, "segmentation": uncompressed_rle(box(1, 4, 25, 31))},
         {"image_id": 2, "category_id": 1, "segmentation": [[1.0, 2.0, 3.0, 4.0]]},  # bad polygon
         {"image_id": 3, "category_id": 1, "segmentation": POLY},  # image file missing
+        {"image_id": 2, "category_id": 1, "segmentation": [[5.0, 5.0, 6.0, 6.0], *POLY]},  # degenerate piece
+        {"image_id": 2, "category_id": 1, "segmentation": []},  # covers nothing
     ]
     root = tmp_path / "coco"
     files = make_coco(root, "annotations/instances_val2017.json", "val2017", cats, anns, n_images=4, missing=(3,))
@@ -261,10 +262,11 @@ def test_coco_instances(tmp_path):
     np.testing.assert_array_equal(s1.objects[0].mask, decode_segmentation(POLY))
     np.testing.assert_array_equal(s1.objects[1].mask, box(14, 22, 20, 30))
     s2 = got["coco-val2017-2"]
-    assert [o.expressions for o in s2.objects] == [["traffic light"]]
+    assert [o.expressions for o in s2.objects] == [["traffic light"], ["person"]]
     np.testing.assert_array_equal(s2.objects[0].mask, box(1, 4, 25, 31))
+    np.testing.assert_array_equal(s2.objects[1].mask, decode_segmentation(POLY))
     counts = {k: v["count"] for k, v in report(out)["skipped"].items()}
-    assert counts == {"crowd": 1, "bad_annotation": 1, "missing_image": 1, "no_object": 1}
+    assert counts == {"crowd": 1, "bad_annotation": 1, "missing_image": 1, "no_object": 1, "empty_mask": 1}
     assert report(out)["skipped"]["bad_annotation"]["examples"] == ["ann 1004"]
     assert "instances_val2017.json: annotation 1004" in report(out)["skipped"]["bad_annotation"]["first_message"]
 

@@ -1,5 +1,6 @@
 """Rules every converter shares, kept in one place: the text rules of the SPEC (section 4), COCO
-polygon/RLE decoding, part-mask merging, label-map reading, image reading and safe pickles.
+polygon/RLE decoding, part-mask merging, label maps (pairing, reading, one object per class), image
+reading and safe pickles.
 
 Text rules:
 - referring data: the sentence as annotated (`sent` in the refer pickles);
@@ -58,10 +59,14 @@ def decode_coco_segmentation(segmentation: Any, height: int, width: int) -> np.n
     from pycocotools import mask as mask_utils  # imported here: only COCO-style converters need it
 
     if isinstance(segmentation, list):
+        if not segmentation:  # an annotation without polygons covers nothing
+            return np.zeros((height, width), np.uint8)
         polygons = [[float(v) for v in poly] for poly in segmentation]
-        if not polygons or any(len(p) < 6 or len(p) % 2 for p in polygons):
-            raise ValueError(f"polygon lengths {[len(p) for p in polygons]}: each needs an even count >= 6")
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        # Pieces under 3 points have no area; pycocotools would even read a 4-value first piece as a box.
+        valid = [p for p in polygons if len(p) >= 6 and len(p) % 2 == 0]
+        if not valid:
+            raise ValueError(f"polygon lengths {[len(p) for p in polygons]}: none is an even count >= 6")
+        rle = mask_utils.merge(mask_utils.frPyObjects(valid, height, width))
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         size = [int(v) for v in segmentation["size"]]
         if size != [height, width]:
