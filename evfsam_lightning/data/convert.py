@@ -96,7 +96,7 @@ def _run_one(build: Callable[[WorkItem], Built], item: WorkItem) -> tuple[dict |
 
 def _results(plan: ConversionPlan, items: list[WorkItem], workers: int) -> Iterator[tuple[dict | None, list[Skip]]]:
     run = functools.partial(_run_one, plan.build)
-    if workers <= 1:
+    if workers <= 1 or len(items) <= 1:
         yield from map(run, items)
         return
     chunksize = max(1, min(32, len(items) // (workers * 8)))

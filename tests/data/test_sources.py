@@ -131,6 +131,7 @@ def make_refer(root: Path) -> dict:
         ref(106, 999, 1, "train", ["nothing"]),      # annotation missing
         ref(107, 13, 1, "train", ["empty"]),         # empty mask
         ref(108, 11, 2, "testA", []),                # no sentence
+        {"ref_id": 109, "image_id": 1, "split": "train"},  # malformed entry
     ]
     (root / "refcoco").mkdir(parents=True)
     with open(root / "refcoco" / "refs(unc).p", "wb") as f:
@@ -161,7 +162,7 @@ def test_refer(tmp_path):
     skipped = report(out)["skipped"]
     counts = {k: v["count"] for k, v in skipped.items()}
     assert counts == {"missing_image": 1, "missing_annotation": 1, "empty_mask": 1, "no_expression": 1,
-                      "empty_expression": 1, "no_object": 1}
+                      "empty_expression": 1, "no_object": 1, "bad_annotation": 1}
     assert skipped["missing_annotation"]["examples"] == ["ref 106"]
     assert "COCO_train2014_000000000003.jpg" in skipped["missing_image"]["first_message"]
     assert report(out)["written"] == {"samples": 3, "objects": 4, "expressions": 5}
@@ -177,14 +178,21 @@ def test_refer_split_selection_and_strict(tmp_path, capsys):
     assert "no refs in split(s) ['nope']" in capsys.readouterr().err
 
     plan = refer.plan(tmp_path / "refer", splits=["train"])
-    with pytest.raises(SampleError, match="refs\\(unc\\).p: ref 106 ann_id 999"):
+    with pytest.raises(SampleError, match="refs\\(unc\\).p: ref 109 \\(entry 8\\)"):
         convert(plan, tmp_path / "strict", strict=True, progress=False)
+    plan.skipped = [s for s in plan.skipped if s.reason != "bad_annotation"]
+    with pytest.raises(SampleError, match="ref 106 ann_id 999"):
+        convert(plan, tmp_path / "strict", strict=True, progress=False)
+    plan.skipped = []  # the first error left is found while building, in a worker
+    with pytest.raises(SampleError, match="instances.json: annotation 13 \\(ref 107\\): mask is empty"):
+        convert(plan, tmp_path / "strict", strict=True, progress=False, workers=2)
     plan = refer.plan(tmp_path / "refer", splits=["val"])
+    plan.skipped = []
     with pytest.raises(SampleError, match="ref 104 sentence 1 has no text"):
         convert(plan, tmp_path / "strict2", strict=True, progress=False)
     assert no_tmp(tmp_path / "strict2") and not (tmp_path / "strict2" / "val" / "sizes.json").exists()
     assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o3", "--strict") == 1
-    assert "ann_id 999" in capsys.readouterr().err
+    assert "refs(unc).p: ref 109" in capsys.readouterr().err
 
 
 def test_conversion_is_deterministic_across_runs_and_workers(tmp_path):

@@ -64,10 +64,11 @@ def plan(root: str | Path, *, dataset: str = "refcoco", split_by: str | None = N
     skipped: list[Skip] = []
     good_refs = []
     for i, ref in enumerate(refs):
-        if not isinstance(ref, dict) or any(k not in ref for k in _REF_KEYS):
+        if (not isinstance(ref, dict) or any(k not in ref for k in _REF_KEYS)
+                or not isinstance(ref["sentences"], list)):
             rid = ref.get("ref_id", f"#{i}") if isinstance(ref, dict) else f"#{i}"
-            skipped.append(Skip("bad_annotation", f"ref {rid}", f"{ref_file}: ref {rid} (entry {i}) lacks one "
-                                                               f"of {_REF_KEYS}"))
+            skipped.append(Skip("bad_annotation", f"ref {rid}", f"{ref_file}: ref {rid} (entry {i}) needs "
+                                                               f"{_REF_KEYS} with a list of sentences"))
         else:
             good_refs.append(ref)
     available = sorted({str(r["split"]) for r in good_refs})
