@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -157,13 +157,13 @@ def convert(plan: ConversionPlan, out_dir: str | Path, *, workers: int = 1, shar
             w.abort()
         raise
 
-    report = _report(plan, out_dir, sizes, skips)
+    report = _report(plan, sizes, skips)
     write_json_atomic(out_dir / REPORT_FILE, report)
     print_report(report, file=sys.stdout)
     return report
 
 
-def _report(plan: ConversionPlan, out_dir: Path, sizes: dict[str, dict], skips: list[Skip]) -> dict[str, Any]:
+def _report(plan: ConversionPlan, sizes: dict[str, dict], skips: list[Skip]) -> dict[str, Any]:
     skipped: dict[str, dict[str, Any]] = {}
     for s in skips:
         entry = skipped.setdefault(s.reason, {"count": 0, "examples": [], "first_message": s.message,
@@ -172,14 +172,14 @@ def _report(plan: ConversionPlan, out_dir: Path, sizes: dict[str, dict], skips: 
         if len(entry["examples"]) < MAX_EXAMPLES:
             entry["examples"].append(s.id)
     splits = {split: {"samples": sz["total"], "objects": sz["objects"], "expressions": sz["expressions"],
-                      "shards": len(sz["shards"]), "dir": split} for split, sz in sizes.items()}
+                      "shards": len(sz["shards"])} for split, sz in sizes.items()}
     written = {k: sum(s[k] for s in splits.values()) for k in ("samples", "objects", "expressions")}
     return {"format": plan.format, "source": plan.source, "task": plan.task, "splits": splits,
             "written": written, "skipped": skipped,
             "skipped_total": sum(e["count"] for e in skipped.values())}
 
 
-def print_report(report: dict[str, Any], file=sys.stdout) -> None:
+def print_report(report: dict[str, Any], file: TextIO = sys.stdout) -> None:
     """A short human-readable summary of a conversion report."""
     print(f"{report['format']} -> {report['source']} ({report['task']})", file=file)
     for split, s in report["splits"].items():

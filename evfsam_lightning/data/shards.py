@@ -53,8 +53,8 @@ class ShardWriter:
     """Write samples into `out_dir/PREFIX-NNNNNN.tar` shards of at most `max_samples_per_shard`.
 
     Samples are stored in the order they are written; `close()` writes `sizes.json` and returns
-    its content. Used as a context manager, an exception inside the block removes the shard being
-    written and leaves no `sizes.json`. Existing shards with the same prefix are refused unless
+    its content. Used as a context manager, an exception inside the block calls `abort()`, which
+    removes this writer's shards and leaves no `sizes.json`. Existing shards with the same prefix are refused unless
     `overwrite=True`, in which case the ones this run does not rewrite are removed at `close()`.
     """
 
@@ -164,12 +164,17 @@ class ShardWriter:
         return sizes
 
     def abort(self) -> None:
-        """Drop the shard being written; finished shards stay, no `sizes.json` is written."""
+        """Remove what this writer wrote (a partial set of shards is no dataset) and write no
+        `sizes.json`; an older `sizes.json` whose shards were replaced goes too."""
         if self._tar is not None:
             self._tar.close()
             self._tar = None
             self._tmp_path().unlink(missing_ok=True)
-            del self.shards[self._current]
+        for name in self.shards:
+            (self.out_dir / name).unlink(missing_ok=True)
+        if any(old.name in self.shards for old in self._old):
+            (self.out_dir / SIZES_FILE).unlink(missing_ok=True)
+        self.shards = {}
         self._closed = True
 
 

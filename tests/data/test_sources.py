@@ -190,7 +190,8 @@ def test_refer_split_selection_and_strict(tmp_path, capsys):
     plan.skipped = []
     with pytest.raises(SampleError, match="ref 104 sentence 1 has no text"):
         convert(plan, tmp_path / "strict2", strict=True, progress=False)
-    assert no_tmp(tmp_path / "strict2") and not (tmp_path / "strict2" / "val" / "sizes.json").exists()
+    assert not list((tmp_path / "strict2").rglob("*.*"))  # no shard, temp file, sizes.json or report
+    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "strict2", "--split", "val") == 0
     assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o3", "--strict") == 1
     assert "refs(unc).p: ref 109" in capsys.readouterr().err
 
