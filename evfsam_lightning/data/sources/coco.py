@@ -1,0 +1,189 @@
+"""COCO-format instance JSON -> shards (format `coco`; also the engine of `objects365`,
+`partimagenet` and `pascal_part`).
+
+Input: a COCO JSON (`images` with `id`, `file_name`, `height`, `width`; `annotations` with `id`,
+`image_id`, `category_id`, `segmentation` as polygons or RLE (compressed or not), `iscrowd`;
+`categories` with `id`, `name`) and a folder the `file_name`s are relative to.
+Default layout: `<root>/annotations/instances_{split}.json` and `<root>/{split}/` (COCO 2017).
+
+Instance rules (`coco`, `objects365`): one object per annotation, text = the category name;
+`iscrowd` annotations are skipped and counted (a crowd region is not one object).
+Part rules (`partimagenet`, `pascal_part`): the annotations of one category in one image are merged
+into one mask clipped to 0/1 (crowd ones included: they are still that part), text
+`"[semantic] " + name`. One sample per image; images without a usable annotation are counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..convert import Built, ConversionPlan, Skip, WorkItem, built_or_skip
+from ..schema import Sample, SampleObject, make_key
+from .common import (
+    check_image_size,
+    clean_name,
+    decode_coco_segmentation,
+    merge_masks,
+    read_image,
+    semantic_expression,
+)
+
+DEFAULT_ANN = "annotations/instances_{split}.json"
+DEFAULT_IMAGES = "{split}"
+
+
+@dataclass(frozen=True)
+class CocoRules:
+    """How a COCO-format dataset becomes samples: the task, whether a category's annotations in an
+    image merge into one part mask, and how category names become text."""
+
+    format: str
+    task: str
+    merge_per_category: bool = False
+    semantic_prefix: bool = False
+    separators: str = ""
+    lower: bool = False
+
+    def text(self, name: str) -> str:
+        cleaned = clean_name(name, separators=self.separators, lower=self.lower)
+        return semantic_expression(cleaned) if self.semantic_prefix and cleaned else cleaned
+
+
+COCO_RULES = CocoRules(format="coco", task="instance")
+
+
+def load_json(path: str | Path) -> Any:
+    """A JSON file, with errors that name it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def resolve_template(template: str | Path, root: str | Path | None, split: str) -> Path:
+    """`template` with `{split}` filled in, relative to `root` unless absolute."""
+    path = Path(str(template).replace("{split}", split))
+    return path if path.is_absolute() or root is None else Path(root) / path
+
+
+def id_order(value: Any) -> tuple:
+    """Sort key for dataset ids: integers numerically, then anything else as text."""
+    return (0, value, "") if isinstance(value, int) else (1, 0, str(value))
+
+
+def _plan_split(ann_file: Path, images_dir: Path, split: str, source: str, rules: CocoRules,
+                items: list[WorkItem], skipped: list[Skip]) -> None:
+    coco = load_json(ann_file)
+    try:
+        images = {img["id"]: img for img in coco["images"]}
+        categories = {c["id"]: c["name"] for c in coco["categories"]}
+        annotations = coco["annotations"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{ann_file}: not a COCO instance file (missing {e})") from e
+
+    per_image: dict[Any, list[dict]] = defaultdict(list)
+    for i, ann in enumerate(annotations):
+        ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
+        where = f"{ann_file}: annotation {ann_id}"
+        if not isinstance(ann, dict) or "segmentation" not in ann or "image_id" not in ann:
+            skipped.append(Skip("bad_annotation", f"ann {ann_id}", f"{where}: lacks image_id or segmentation"))
+        elif ann["image_id"] not in images:
+            skipped.append(Skip("unknown_image", f"ann {ann_id}", f"{where}: image_id {ann['image_id']} not in images"))
+        elif ann.get("category_id") not in categories:
+            skipped.append(Skip("unknown_category", f"ann {ann_id}",
+                                f"{where}: category_id {ann.get('category_id')} not in categories"))
+        elif ann.get("iscrowd", 0) and not rules.merge_per_category:
+            skipped.append(Skip("crowd", f"ann {ann_id}", f"{where}: iscrowd annotation", error=False))
+        else:
+            per_image[ann["image_id"]].append(
+                {"id": ann_id, "segmentation": ann["segmentation"], "category_id": ann["category_id"]})
+
+    for image_id in sorted(images, key=id_order):
+        img = images[image_id]
+        anns = per_image.get(image_id)
+        key = make_key(source, split, image_id)
+        if not anns:
+            skipped.append(Skip("no_object", key, f"{ann_file}: image {image_id} ({img.get('file_name')}) "
+                                                  "has no usable annotation", error=False))
+            continue
+        if rules.merge_per_category:
+            groups: dict[Any, list[dict]] = defaultdict(list)
+            for ann in anns:
+                groups[ann["category_id"]].append(ann)
+            objects = [{"category": categories[c], "text": rules.text(categories[c]), "anns": groups[c],
+                        "id": f"category {c}"} for c in sorted(groups)]
+        else:
+            objects = [{"category": categories[a["category_id"]], "text": rules.text(categories[a["category_id"]]),
+                        "anns": [a], "id": f"ann {a['id']}"} for a in anns]
+        items.append(WorkItem(split, key, {
+            "file": str(images_dir / img.get("file_name", "")), "file_name": img.get("file_name"),
+            "image_id": image_id, "height": img.get("height"), "width": img.get("width"),
+            "ann_file": str(ann_file), "objects": objects, "source": source, "task": rules.task,
+        }))
+
+
+def plan_coco_json(ann_files: dict[str, Path], images_dirs: dict[str, Path], *, source: str,
+                   rules: CocoRules = COCO_RULES) -> ConversionPlan:
+    """A plan over COCO JSON files, one per output split (`{split: json}`, `{split: image folder}`)."""
+    items: list[WorkItem] = []
+    skipped: list[Skip] = []
+    for split in sorted(ann_files):
+        _plan_split(Path(ann_files[split]), Path(images_dirs[split]), split, source, rules, items, skipped)
+    return ConversionPlan(format=rules.format, source=source, task=rules.task, build=build, items=items,
+                          splits=sorted(ann_files), skipped=skipped)
+
+
+def plan(root: str | Path | None, *, splits: list[str] | None = None, ann: str | None = None,
+         images: str | None = None, name: str | None = None, rules: CocoRules = COCO_RULES,
+         default_splits: tuple[str, ...] = ("train2017",), default_ann: str = DEFAULT_ANN,
+         default_images: str = DEFAULT_IMAGES) -> ConversionPlan:
+    """Plan a COCO-format dataset. `ann` and `images` are paths (absolute or relative to `root`)
+    that may hold `{split}`; by default `<root>/annotations/instances_{split}.json` and
+    `<root>/{split}/`. `name` is the source name (default: the format)."""
+    splits = list(splits or default_splits)
+    if len(splits) > 1 and ann is not None and "{split}" not in ann:
+        raise ValueError(f"--ann {ann} names one file but {len(splits)} splits were asked: put {{split}} in it")
+    ann_files = {s: resolve_template(ann or default_ann, root, s) for s in splits}
+    images_dirs = {s: resolve_template(images or default_images, root, s) for s in splits}
+    return plan_coco_json(ann_files, images_dirs, source=name or rules.format, rules=rules)
+
+
+def build(item: WorkItem) -> Built:
+    """One image of a COCO-format file -> a `Sample` (objects whose masks fail are skipped)."""
+    d = item.data
+    image = read_image(d["file"])
+    check_image_size(image, d["file"], d["height"], d["width"], d["ann_file"])
+    skips: list[Skip] = []
+    objects = []
+    for obj in d["objects"]:
+        where = f"{d['ann_file']}: image {d['image_id']}, {obj['id']}"
+        if not obj["text"]:
+            skips.append(Skip("no_expression", obj["id"], f"{where}: empty category name"))
+            continue
+        masks = []
+        for ann in obj["anns"]:
+            try:
+                masks.append(decode_coco_segmentation(ann["segmentation"], image.height, image.width))
+            except Exception as e:  # pycocotools and malformed data raise many types
+                skips.append(Skip("bad_annotation", f"ann {ann['id']}",
+                                  f"{d['ann_file']}: annotation {ann['id']} (image {d['image_id']}): {e}"))
+                break
+        if len(masks) < len(obj["anns"]):  # a part missing one of its pieces would teach a wrong mask
+            continue
+        mask = merge_masks(masks)
+        if not mask.any():
+            skips.append(Skip("empty_mask", obj["id"], f"{where}: mask is empty"))
+            continue
+        objects.append(SampleObject([obj["text"]], mask, category=obj["category"], id=obj["id"]))
+    sample = Sample(key=item.key, source=d["source"], task=d["task"], image_bytes=image.data,
+                    image_ext=image.ext, objects=objects, height=image.height, width=image.width,
+                    image_file=d["file_name"], meta={"split": item.split, "image_id": d["image_id"]})
+    return built_or_skip(sample, skips)
