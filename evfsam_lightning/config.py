@@ -70,6 +70,8 @@ class DataConfig:
     samples_per_epoch: int = doc(0, "training images per epoch over all ranks (0: one pass of the mixture)")
     strict: bool = doc(False, "raise on a bad sample instead of skipping and counting it")
     val_batch_size: int = doc(4, "images per validation batch per rank")
+    shuffle_buffer: int = doc(256, "raw samples held per source and worker for shuffling")
+    shuffle_shards: int = doc(1, "consecutive shards shuffled together")
 
 
 @dataclass

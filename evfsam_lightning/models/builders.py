@@ -68,11 +68,12 @@ def sam_config_class(family: str):
 MODEL_SIZES: dict[str, EvfSamConfig] = {
     "evf-sam": EvfSamConfig(beit3=BEIT3_LARGE, sam=SAM_VIT_H),
     "evf-sam-beit3-base": EvfSamConfig(beit3=BEIT3_BASE, sam=SAM_VIT_H),
+    # CPU-sized (about 1.8M parameters), shaped after the quickstart calibration on 2 CPU threads.
     "tiny": EvfSamConfig(
-        beit3=Beit3Config(embed_dim=128, depth=4, num_heads=4, ffn_dim=256, vocab_size=512, image_size=64,
+        beit3=Beit3Config(embed_dim=128, depth=4, num_heads=4, ffn_dim=256, vocab_size=512, image_size=128,
                           patch_size=16, max_text_positions=128),
         sam=Sam1Config(image_size=128, patch_size=8, encoder_dim=64, encoder_depth=2, encoder_heads=2,
-                       global_attn_indexes=[1], window_size=4, prompt_dim=64, decoder_heads=4,
+                       global_attn_indexes=[0, 1], window_size=4, prompt_dim=64, decoder_heads=4,
                        decoder_mlp_dim=256, iou_head_hidden_dim=64),
     ),
 }

@@ -73,6 +73,13 @@ class EvfSamModule(L.LightningModule):
         # Frozen weights left out of checkpoints come back from the pretrained source.
         self.strict_loading = self.cfg.checkpoint.save_frozen
 
+    def configure_model(self) -> None:
+        if self.cfg.strategy.name == "fsdp" and not getattr(self, "_sharded", False):
+            from evfsam_lightning.training.strategies import shard_model
+
+            shard_model(self.model, self.device_mesh, self.cfg.trainer.precision)
+            self._sharded = True
+
     # -- modes ---------------------------------------------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)

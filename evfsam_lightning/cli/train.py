@@ -1,0 +1,49 @@
+"""evfsam-train: train EVF-SAM from a recipe.
+
+    evfsam-train recipes/quickstart.yaml                       # tiny model, synthetic data, CPU
+    evfsam-train recipes/evfsam_refcoco.yaml trainer.devices=8 optim.lr=1e-4
+    evfsam-train --help-config                                 # every key with its meaning
+
+Runs resume automatically from the newest complete checkpoint in <root_dir>/<name>/checkpoints
+(`checkpoint.resume=false` to start over, or a path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from evfsam_lightning.config import ConfigError, help_text, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="evfsam-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
+    p.add_argument("--help-config", action="store_true", help="print every config key with its help and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+    if args.help_config:
+        print(help_text())
+        return 0
+    if not args.recipe:
+        p.error("a recipe is required (e.g. recipes/quickstart.yaml)")
+    try:
+        cfg = load(args.recipe, args.overrides)
+    except ConfigError as e:
+        print(f"evfsam-train: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        from evfsam_lightning.config import to_yaml
+
+        print(to_yaml(cfg))
+        return 0
+    from evfsam_lightning.training.run import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

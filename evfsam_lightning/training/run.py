@@ -1,0 +1,168 @@
+"""Assemble a training run from a `RunConfig`: data, module, callbacks, logger, trainer, resume."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import tarfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from evfsam_lightning.config import ConfigError, RunConfig, to_yaml
+from evfsam_lightning.training.callbacks import (
+    CompleteCheckpoint,
+    FinalCheckpoint,
+    Throughput,
+    atomic_write_text,
+    find_resume_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _expressions_in_shards(folder: Path) -> list[str]:
+    """Every expression of the JSON records of a shard folder (members are read, not decoded)."""
+    out = []
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for member in t:
+                if member.name.endswith(".json"):
+                    record = json.loads(t.extractfile(member).read())
+                    out.extend(e for o in record["objects"] for e in o["expressions"])
+    return out
+
+
+def ensure_synthetic(cfg: RunConfig) -> tuple[Path, Path]:
+    """Generate the synthetic dataset and its tokenizer once (any rank may get here first; a file
+    lock makes the others wait). Returns (shard root, tokenizer folder)."""
+    from evfsam_lightning.data.sources.synthetic import generate_synthetic
+    from evfsam_lightning.data.tokenizer import build_tokenizer
+
+    syn = cfg.data.synthetic
+    root = Path(syn.dir)
+    done = root / "READY.json"
+    with _file_lock(root.parent / f".{root.name}.lock"):
+        wanted = {"train": syn.train, "val": syn.val, "seed": syn.seed, "grammar": syn.grammar,
+                  "image_size": syn.image_size}
+        if done.is_file() and json.loads(done.read_text()) == wanted:
+            return root, root / "tokenizer"
+        print(f"generating the synthetic dataset in {root} ({syn.train} train / {syn.val} val images) ...")
+        generate_synthetic(root, n_train=syn.train, n_val=syn.val, image_size=syn.image_size, seed=syn.seed,
+                           grammar=syn.grammar, workers=min(2, os.cpu_count() or 1), overwrite=True)
+        build_tokenizer(_expressions_in_shards(root / "train"), root / "tokenizer", vocab_size=128)
+        atomic_write_text(done, json.dumps(wanted))
+    return root, root / "tokenizer"
+
+
+def data_config(cfg: RunConfig, model_cfg):
+    """The data pipeline's config from the run config (shards, tokenizer, preprocessing sizes)."""
+    from evfsam_lightning.data.datamodule import DataConfig, SourceConfig
+
+    d = cfg.data
+    train = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.train]
+    val = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.val]
+    tokenizer = cfg.model.tokenizer or cfg.model.pretrained
+    if d.synthetic is not None:
+        root, tok = ensure_synthetic(cfg)
+        train = train or [SourceConfig("synthetic", [str(root / "train")])]
+        val = val or [SourceConfig("synthetic", [str(root / "val")])]
+        tokenizer = tokenizer or str(tok)
+    if not tokenizer:
+        raise ConfigError("no tokenizer: set model.tokenizer or model.pretrained (a folder with "
+                          "sentencepiece.bpe.model)")
+    return DataConfig(
+        sources=train, val_sources=val, tokenizer=str(tokenizer), batch_size=cfg.trainer.micro_batch_size,
+        num_workers=d.num_workers, max_expressions_per_image=d.max_expressions_per_image,
+        sam_image_size=model_cfg.sam.image_size, sam_variant=model_cfg.family,
+        beit_image_size=model_cfg.beit3.image_size, max_text_length=d.max_text_length, seed=cfg.seed,
+        mixing=d.mixing, samples_per_epoch=d.samples_per_epoch or None, shuffle_buffer=d.shuffle_buffer,
+        shuffle_shards=d.shuffle_shards, eval_batch_size=d.val_batch_size, strict=d.strict,
+    )
+
+
+def resume_path(cfg: RunConfig) -> str | None:
+    r = cfg.checkpoint.resume
+    if r == "false":
+        return None
+    if r == "auto":
+        found = find_resume_checkpoint(cfg.run_dir / "checkpoints")
+        return str(found) if found else None
+    return r
+
+
+def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
+    from evfsam_lightning.training.strategies import build_strategy
+
+    t = cfg.trainer
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    accumulate = cfg.accumulate_grad_batches
+    callbacks = [
+        CompleteCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
+                           every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=1, save_last=False),
+        FinalCheckpoint(ckpt_dir),
+        Throughput(t.global_batch_size, t.log_every_n_steps),
+        *extra_callbacks,
+    ]
+    if cfg.checkpoint.keep_top_k > 0 and cfg.data.val or cfg.data.synthetic is not None:
+        callbacks.append(CompleteCheckpoint(
+            dirpath=ckpt_dir, filename="best-step{step:08d}-ciou{val/ciou:.4f}", auto_insert_metric_name=False,
+            monitor="val/ciou", mode="max", save_top_k=cfg.checkpoint.keep_top_k, save_last=False))
+    logger = TensorBoardLogger(save_dir=str(cfg.run_dir), name="tensorboard", version="") if cfg.logging.tensorboard \
+        else False
+    val_every = t.val_every_n_steps * accumulate if t.val_every_n_steps else None
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
+        strategy=build_strategy(cfg), max_steps=t.max_steps, accumulate_grad_batches=accumulate,
+        gradient_clip_val=cfg.optim.grad_clip or None, log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        limit_val_batches=t.limit_val_batches or None, enable_progress_bar=cfg.logging.progress_bar,
+        default_root_dir=str(cfg.run_dir), logger=logger, callbacks=callbacks, use_distributed_sampler=False,
+        deterministic=t.deterministic, enable_checkpointing=True,
+    )
+
+
+def train(cfg: RunConfig) -> L.Trainer:
+    """Run (or resume) training; returns the trainer after fit."""
+    from evfsam_lightning.data.datamodule import EvfDataModule
+    from evfsam_lightning.models.builders import model_config
+    from evfsam_lightning.training.module import EvfSamModule
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    size = model_config(dict(cfg.model.dims)) if cfg.model.size == "custom" else model_config(cfg.model.size)
+    datamodule = EvfDataModule(data_config(cfg, size))
+    config_dict = _as_dict(cfg)
+    module = EvfSamModule(config_dict, val_sources=[s.name for s in datamodule.config.val_sources])
+    trainer = build_trainer(cfg)
+    if trainer.is_global_zero:
+        atomic_write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))
+    ckpt = resume_path(cfg)
+    if trainer.is_global_zero:
+        print(f"run directory: {cfg.run_dir.resolve()}")
+        print(f"  checkpoints: {(cfg.run_dir / 'checkpoints').resolve()}")
+        print(f"  tensorboard: tensorboard --logdir {(cfg.run_dir / 'tensorboard').resolve()}")
+        print(f"  resuming from {ckpt}" if ckpt else "  starting from scratch")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    return trainer
+
+
+def _as_dict(cfg: RunConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
