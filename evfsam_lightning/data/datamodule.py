@@ -1,0 +1,371 @@
+"""`EvfDataModule`: the training mixture, validation and test streams, and the exact data position.
+
+Resume: every training batch carries where it came from (`_stream`, see batching.py);
+`on_before_batch_transfer` records it when the training step takes the batch, so the saved
+position is that of *consumed* batches, whatever the DataLoader has prefetched. `state_dict()`
+gathers every rank's position (Lightning writes rank 0's checkpoint only) and holds, as plain
+ints, lists and strings:
+
+    {"version": 1,
+     "stream": {...the settings the sample sequence depends on: world_size, workers, batch_size,
+                seed, mixing, batches_per_epoch, max_expressions_per_image, shuffle_buffer,
+                shuffle_shards, sources [[name, weight, number of shards], ...]},
+     "batch_index": g,                # batches consumed per rank (equal on every rank)
+     "ranks": {"0": {"readers": [per logical worker: None or [[block, emitted] per source]],
+                     "data_stats": {"images": ..., "skipped": ..., reason: count, ...}}, ...}}
+
+Loading a state whose `stream` settings differ from this run's raises a ValueError that names
+them: the sample sequence depends on the number of ranks and of (logical) workers, so resuming
+exactly with different ones is impossible (num_workers 0 and 1 are the same single stream).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+import lightning as L
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from .batching import (
+    SAM_VARIANTS,
+    EvalStream,
+    Preprocessing,
+    StreamPosition,
+    TrainSource,
+    TrainStream,
+    cached_tokenizer,
+)
+from .mixing import MIXING_MODES
+from .stream import SkipLog, expand_urls, iter_shard, missing_local_shards, shard_sizes
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass
+class SourceConfig:
+    """One dataset as shards."""
+
+    name: str
+    """Source name: appears in batches (`sources`), logs and seeds."""
+    urls: str | list[str]
+    """Shards: a brace pattern (`data/train-{000000..000009}.tar`), a path, a glob, a directory of
+    tars, a `pipe:` command, a remote URL, or a list of these."""
+    weight: float = 1.0
+    """Sampling weight in the training mixture (ignored for val/test sources)."""
+    sizes: str | None = None
+    """A sizes.json ({shard file name: samples}) for shards without one next to them, e.g. `pipe:`."""
+
+
+@dataclass
+class DataConfig:
+    """Everything the data pipeline needs. Mirrored by the `data:` section of a YAML file."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Training sources with their weights."""
+    tokenizer: str = ""
+    """Folder with the XLM-R `sentencepiece.bpe.model` (and `added_tokens.json`)."""
+    batch_size: int = 2
+    """Images per micro-batch and rank."""
+    num_workers: int = 4
+    """DataLoader workers per rank. The training stream depends on it (resume needs the same)."""
+    max_expressions_per_image: int = 3
+    """Training: up to this many objects per image, one expression each."""
+    sam_image_size: int = 1024
+    """SAM input size S."""
+    sam_variant: str = "sam"
+    """"sam": SAM-1 (longest side to S, zero padding); "sam2": plain resize to S x S."""
+    beit_image_size: int = 224
+    """BEiT-3 input size."""
+    max_text_length: int = 64
+    """Token limit per expression (truncation keeps `</s>`)."""
+    seed: int = 0
+    """Seed of the whole training stream."""
+    mixing: str = "sample"
+    """"sample": every image draws its source; "batch": every batch draws one source."""
+    samples_per_epoch: int | None = None
+    """Images per epoch over all ranks (the stream is endless); default: all training shards' sizes."""
+    shuffle_buffer: int = 256
+    """Raw samples (bytes) held per source and worker for shuffling."""
+    shuffle_shards: int = 1
+    """Consecutive shards shuffled together; resuming re-reads up to this many per source and worker."""
+    val_sources: list[SourceConfig] = field(default_factory=list)
+    """Validation sources: finite, unshuffled, every object with its first expression."""
+    test_sources: list[SourceConfig] = field(default_factory=list)
+    """Test sources, like `val_sources`."""
+    eval_batch_size: int | None = None
+    """Images per eval batch; default `batch_size`."""
+    strict: bool = False
+    """Raise on the first bad sample (naming shard and key) instead of skipping and counting it."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        for name in ("batch_size", "max_expressions_per_image", "sam_image_size", "beit_image_size",
+                     "max_text_length", "shuffle_buffer", "shuffle_shards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"data.samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
+        if self.mixing not in MIXING_MODES:
+            raise ValueError(f"data.mixing {self.mixing!r} not in {MIXING_MODES}")
+        if self.sam_variant not in SAM_VARIANTS:
+            raise ValueError(f"data.sam_variant {self.sam_variant!r} not in {SAM_VARIANTS}")
+        if not self.tokenizer:
+            raise ValueError("data.tokenizer: give the folder holding sentencepiece.bpe.model")
+        for group in ("sources", "val_sources", "test_sources"):
+            names = [s.name for s in getattr(self, group)]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.{group}: duplicate source names {names}")
+        if self.sources and (any(s.weight < 0 for s in self.sources) or sum(s.weight for s in self.sources) <= 0):
+            raise ValueError("data.sources: weights must be >= 0 with a positive sum")
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    missing = [n for n, f in known.items() if n not in values and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}")
+    return cls(**values)
+
+
+def data_config_from_dict(values: Mapping[str, Any]) -> DataConfig:
+    """A `DataConfig` from a plain mapping (e.g. a YAML `data:` section); unknown keys are errors."""
+    values = dict(values)
+    for group in ("sources", "val_sources", "test_sources"):
+        values[group] = [_build(SourceConfig, s, f"data.{group}[{i}]") for i, s in enumerate(values.get(group) or [])]
+    config = _build(DataConfig, values, "data")
+    config.validate()
+    return config
+
+
+def load_data_config(path: str) -> DataConfig:
+    """The `data:` section of a YAML recipe/config file as a `DataConfig`."""
+    import yaml
+
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
+        raise ValueError(f"{path}: expected a mapping with a `data:` section")
+    return data_config_from_dict(doc["data"])
+
+
+def _keep(batch: Any) -> Any:
+    return batch
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively, so that fingerprints compare equal after a checkpoint round trip."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+class EvfDataModule(L.LightningDataModule):
+    """Training mixture, validation/test streams and the resumable training data position.
+
+    `rank`/`world_size` default to the trainer's (or torch.distributed's); give them to build the
+    stream of one rank outside a distributed run. This module overrides `on_before_batch_transfer`
+    (to record consumed batches); Lightning then ignores a LightningModule's override of that hook."""
+
+    def __init__(self, config: DataConfig, *, rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.prep = Preprocessing(sam_image_size=config.sam_image_size, sam_variant=config.sam_variant,
+                                  beit_image_size=config.beit_image_size, max_text_length=config.max_text_length,
+                                  tokenizer=config.tokenizer)
+        self._topology = (rank, world_size)
+        self.rank: int | None = None
+        self.world_size: int | None = None
+        self.workers = max(1, config.num_workers)
+        self.position = StreamPosition(0, [None] * self.workers)
+        self.data_stats_total: Counter[str] = Counter()
+        """Skip counts of the training batches consumed on this rank (kept in the data state)."""
+        self._train: list[TrainSource] | None = None
+        self._batches_per_epoch: int | None = None
+        self._eval_sizes: dict[str, tuple[list[str], list[int]]] = {}
+        self._pending_state: dict[str, Any] | None = None
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _resolve_topology(self) -> None:
+        rank, world_size = self._topology
+        if rank is None or world_size is None:
+            if self.trainer is not None:
+                rank, world_size = self.trainer.global_rank, self.trainer.world_size
+            elif dist.is_available() and dist.is_initialized():
+                rank, world_size = dist.get_rank(), dist.get_world_size()
+            else:
+                rank, world_size = 0, 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve rank and world size, expand and check the training shards, load the tokenizer."""
+        if self.rank is None:
+            self._resolve_topology()
+            cached_tokenizer(self.config.tokenizer)  # fail here, not in a worker
+        if self._train is None and self.config.sources:
+            self._setup_train()
+        if self._pending_state is not None and self._train is not None:
+            state, self._pending_state = self._pending_state, None
+            self._apply_state(state)
+
+    def _setup_train(self) -> None:
+        cfg = self.config
+        train, total = [], 0
+        for src in cfg.sources:
+            urls = expand_urls(src.urls)
+            missing = missing_local_shards(urls)
+            if missing:
+                raise FileNotFoundError(f"source {src.name}: {len(missing)} of {len(urls)} shards missing, "
+                                        f"first {missing[0]}")
+            sizes = shard_sizes(urls, src.sizes)
+            total = None if total is None or sizes is None else total + sum(sizes)
+            train.append(TrainSource(src.name, tuple(urls), float(src.weight)))
+        samples = cfg.samples_per_epoch if cfg.samples_per_epoch is not None else total
+        if samples is None:
+            raise ValueError("data.samples_per_epoch: set it, or give every training source a sizes.json")
+        per_step = cfg.batch_size * self.world_size
+        if samples < per_step:
+            raise ValueError(f"an epoch of {samples} samples is less than one batch on every rank "
+                             f"({cfg.batch_size} x {self.world_size})")
+        self._train, self._batches_per_epoch = train, samples // per_step
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training batches per rank and epoch (samples_per_epoch // (batch_size x world_size))."""
+        self.setup()
+        if self._batches_per_epoch is None:
+            raise ValueError("no training sources configured (data.sources is empty)")
+        return self._batches_per_epoch
+
+    # ---- dataloaders -------------------------------------------------------------------------
+    def train_stream(self) -> TrainStream:
+        """This rank's training stream, continuing from the current (consumed) position."""
+        cfg = self.config
+        self.setup()
+        return TrainStream(self._train or [], prep=self.prep, batch_size=cfg.batch_size, rank=self.rank,
+                           world_size=self.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                           mixing=cfg.mixing, batches_per_epoch=self.batches_per_epoch,
+                           max_expressions_per_image=cfg.max_expressions_per_image,
+                           buffer_size=cfg.shuffle_buffer, block_shards=cfg.shuffle_shards, strict=cfg.strict,
+                           position=self.position)
+
+    def train_dataloader(self) -> DataLoader:
+        # Workers restart every epoch (not persistent) so that each starts from the consumed position.
+        return DataLoader(self.train_stream(), batch_size=None, num_workers=self.config.num_workers,
+                          collate_fn=_keep, persistent_workers=False)
+
+    def eval_stream(self, source: SourceConfig) -> EvalStream:
+        """This rank's share of one validation/test source."""
+        self.setup()
+        if source.name not in self._eval_sizes:
+            urls = expand_urls(source.urls)
+            sizes = shard_sizes(urls, source.sizes)
+            if sizes is None:  # count by reading; eval splits are small
+                log.info("eval source %s: no sizes.json, counting samples in %d shards", source.name, len(urls))
+                quiet = SkipLog()
+                with quiet.muted():
+                    sizes = [sum(1 for _ in iter_shard(u, quiet)) for u in urls]
+            self._eval_sizes[source.name] = (urls, sizes)
+        urls, sizes = self._eval_sizes[source.name]
+        return EvalStream(source.name, urls, sizes, prep=self.prep,
+                          batch_size=self.config.eval_batch_size or self.config.batch_size,
+                          rank=self.rank, world_size=self.world_size, strict=self.config.strict)
+
+    def _eval_loaders(self, sources: list[SourceConfig]) -> DataLoader | list[DataLoader]:
+        loaders = [DataLoader(self.eval_stream(s), batch_size=None, num_workers=self.config.num_workers,
+                              collate_fn=_keep) for s in sources]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders(self.config.val_sources)
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders(self.config.test_sources)
+
+    # ---- consumed position and state -----------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Records training batches as consumed (Lightning calls this right before the step)."""
+        if isinstance(batch, dict) and "_stream" in batch:
+            self.record_consumed(batch)
+        return batch
+
+    def record_consumed(self, batch: dict[str, Any]) -> None:
+        """Remove `_stream` from a training batch and advance the consumed position to it."""
+        info = batch.pop("_stream")
+        expected = self.position.batch_index
+        if info["batch_index"] != expected or info["rank"] != self.rank:
+            raise RuntimeError(f"training batch {info['batch_index']} of rank {info['rank']} was consumed where "
+                               f"batch {expected} of rank {self.rank} was due: batches were skipped or reordered, "
+                               f"so the data position could not be saved exactly")
+        self.position.batch_index = expected + 1
+        self.position.readers[info["worker"]] = [tuple(p) for p in info["readers"]]
+        self.data_stats_total.update(batch["data_stats"])
+
+    def _fingerprint(self) -> dict[str, Any]:
+        cfg = self.config
+        return _plain({
+            "world_size": self.world_size, "workers": self.workers, "batch_size": cfg.batch_size,
+            "seed": cfg.seed, "mixing": cfg.mixing, "batches_per_epoch": self.batches_per_epoch,
+            "max_expressions_per_image": cfg.max_expressions_per_image, "shuffle_buffer": cfg.shuffle_buffer,
+            "shuffle_shards": cfg.shuffle_shards,
+            "sources": [[s.name, s.weight, len(s.urls)] for s in self._train or []],
+        })
+
+    def state_dict(self) -> dict[str, Any]:
+        """The consumed training position of every rank (a collective call under torch.distributed,
+        as Lightning makes it on every rank when it saves a checkpoint)."""
+        self.setup()
+        mine = _plain({"readers": self.position.readers, "data_stats": dict(self.data_stats_total)})
+        entries = [(self.rank, self.position.batch_index, mine)]
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() == self.world_size:
+            entries = [None] * self.world_size
+            dist.all_gather_object(entries, (self.rank, self.position.batch_index, mine))
+        counts = {r: g for r, g, _ in entries}
+        if len(set(counts.values())) != 1:
+            raise RuntimeError(f"ranks consumed different numbers of training batches {counts}; "
+                               f"the data position cannot be saved")
+        return {"version": STATE_VERSION, "stream": self._fingerprint(), "batch_index": entries[0][1],
+                "ranks": {str(r): st for r, _, st in entries}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training stream where `state_dict` (from `state_dict()`) left it."""
+        self._pending_state = state_dict  # applied by setup(), once rank and sources are known
+        if self.rank is not None:
+            self.setup()
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')!r}, expected {STATE_VERSION}")
+        saved, now = _plain(state["stream"]), self._fingerprint()
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        if diffs:
+            raise ValueError("cannot resume the training data stream exactly, its settings changed ("
+                             + "; ".join(diffs) + "). The sample sequence depends on the number of ranks and "
+                             "of DataLoader workers (0 and 1 are the same); resume with the saved values.")
+        mine = state["ranks"].get(str(self.rank))
+        if mine is None:
+            raise ValueError(f"the data state holds ranks {sorted(state['ranks'])}, not rank {self.rank}")
+        readers = [None if r is None else [tuple(p) for p in r] for r in mine["readers"]]
+        self.position.batch_index = int(state["batch_index"])
+        self.position.readers[:] = readers
+        self.data_stats_total = Counter(mine["data_stats"])
+
