@@ -162,6 +162,8 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
 def _read_sizes_file(path: str) -> dict[str, int]:
     with open(path) as f:
         data = json.load(f)
+    if isinstance(data, dict) and isinstance(data.get("shards"), dict):
+        data = data["shards"]  # the writer's sizes.json: {"shards": {name: count}, "total": ..., ...}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object {{shard name: sample count}}")
     return {str(k): int(v) for k, v in data.items()}

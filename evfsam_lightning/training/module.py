@@ -105,12 +105,17 @@ class EvfSamModule(L.LightningModule):
         self.log("train/bce", losses["bce"], batch_size=n_images)
         self.log("train/dice", losses["dice"], batch_size=n_images)
         self.log("train/expressions_per_image", batch["input_ids"].shape[0] / max(1, n_images), batch_size=n_images)
-        stats = batch.get("data_stats")
-        if isinstance(stats, dict):
-            for reason, count in stats.items():
-                if isinstance(count, (int, float)):
-                    self.log(f"data/skipped_{reason}", float(count), reduce_fx="sum", batch_size=n_images)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = self.cfg.trainer.log_every_n_steps
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.global_step % every or datamodule is None or not hasattr(datamodule, "data_stats_total"):
+            return
+        # Cumulative counts of consumed images and skipped samples per reason, summed over ranks.
+        for key, count in sorted(datamodule.data_stats_total.items()):
+            name = "data/images" if key == "images" else f"data/skipped_{key}".replace("skipped_skipped", "skipped")
+            self.log(name, float(count), reduce_fx="sum", sync_dist=True, batch_size=1)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """All ranks agree whether this micro-batch's loss is finite; a non-finite one makes the
@@ -173,8 +178,9 @@ class EvfSamModule(L.LightningModule):
             if r["expressions"] == 0:
                 continue
             prefix = "val" if source == "all" else f"val/{source}"
-            self.log(f"{prefix}/giou", r["giou"], sync_dist=False, prog_bar=source == "all")
-            self.log(f"{prefix}/ciou", r["ciou"], sync_dist=False)
+            # Already summed over ranks by the metric; sync_dist only averages equal values.
+            self.log(f"{prefix}/giou", r["giou"], sync_dist=True, prog_bar=source == "all")
+            self.log(f"{prefix}/ciou", r["ciou"], sync_dist=True)
         self._log_images()
 
     def _collect_images(self, batch: dict, logits: list[torch.Tensor]) -> None:
@@ -210,7 +216,10 @@ class EvfSamModule(L.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        # Plain types only, so that checkpoints load with torch.load(weights_only=True).
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
         if not self.cfg.checkpoint.save_frozen:
             state = checkpoint["state_dict"]
@@ -226,8 +235,9 @@ class EvfSamModule(L.LightningModule):
         rng = checkpoint.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
-            np.random.set_state(rng["numpy"])
-            random.setstate(rng["python"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(tuple(rng["python"][:1]) + (tuple(rng["python"][1]),) + tuple(rng["python"][2:]))
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         state = checkpoint.get("state_dict", {})
         if checkpoint.get("frozen_left_out"):

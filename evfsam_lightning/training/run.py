@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from evfsam_lightning.config import ConfigError, RunConfig, to_yaml
@@ -119,7 +120,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         Throughput(t.global_batch_size, t.log_every_n_steps),
         *extra_callbacks,
     ]
-    if cfg.checkpoint.keep_top_k > 0 and cfg.data.val or cfg.data.synthetic is not None:
+    if cfg.logging.tensorboard:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.checkpoint.keep_top_k > 0 and (cfg.data.val or cfg.data.synthetic is not None):
         callbacks.append(CompleteCheckpoint(
             dirpath=ckpt_dir, filename="best-step{step:08d}-ciou{val/ciou:.4f}", auto_insert_metric_name=False,
             monitor="val/ciou", mode="max", save_top_k=cfg.checkpoint.keep_top_k, save_last=False))

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 
 from torch import nn
 
-#: Never used by the text-prompted forward (point/box/mask prompts, masked-image-modelling token,
-#: SAM's constant Fourier matrix).
+#: Never used by the text-prompted loss (point/box/mask prompts, masked-image-modelling token,
+#: SAM's constant Fourier matrix, and the IoU head, whose prediction the mask loss does not read:
+#: in the reference it receives no gradient either).
 UNUSED = {
     "sam": ("mm_extractor.beit3.vision_embed.mask_token", "visual_model.prompt_encoder.point_embed.",
+            "visual_model.mask_decoder.iou_prediction_head.",
             "visual_model.prompt_encoder.not_a_point_embed.", "visual_model.prompt_encoder.mask_embed.",
             "visual_model.prompt_encoder.shared_embedding.positional_embedding"),
 }
