@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from evfsam_lightning.models.evfsam import EvfOutput
+from evfsam_lightning.models.evfsam import EvfOutput, EvfSam
 from evfsam_lightning.training.losses import mask_loss
 
 
@@ -34,7 +34,7 @@ def beit3_config_from_manifest(manifest: dict) -> dict:
     }
 
 
-def check_training(model, io: dict[str, torch.Tensor], manifest: dict, report: ParityReport,
+def check_training(model: EvfSam, io: dict[str, torch.Tensor], manifest: dict, report: ParityReport,
                    resize_hw: torch.Tensor) -> tuple[EvfOutput, dict[str, torch.Tensor], torch.Tensor]:
     """The reference training forward (SAM frozen, its image features computed without gradients),
     the loss and its parts, and the gradients of the projector (and their norms) after backward.

@@ -282,7 +282,10 @@ class Sam2Backbone(SamBackbone):
             "high_res_feat_s1": self.mask_decoder.conv_s1(level1),
         }
 
-    def postprocess(self, low_res: torch.Tensor, resize_hw, original_hw) -> torch.Tensor:
+    def postprocess(self, low_res: torch.Tensor, resize_hw: tuple[int, int],
+                    original_hw: tuple[int, int]) -> torch.Tensor:
+        """Low-res logits (N, K, 4h, 4w) -> float logits at the original size (N, K, H, W): one bilinear
+        resize, as the reference (`resize_hw` is the unpadded S x S and plays no part)."""
         return transforms.postprocess_masks(low_res.float(), resize_hw, original_hw, self.image_size, padded=False)
 
     # -- prompts ------------------------------------------------------------------------------
