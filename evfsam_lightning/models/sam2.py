@@ -76,10 +76,6 @@ class Sam2Config:
     memory_attention_ffn_dim: int = 2048
     memory_fuser_layers: int = 2
 
-    @property
-    def embedding_size(self) -> int:
-        return self.image_size // BACKBONE_STRIDE
-
     def stage_dims(self) -> tuple[list[int], list[int]]:
         """(width, heads) of each Hiera stage, rounded down at each stage change as the reference does."""
         dims, heads = [self.embed_dim], [self.num_heads]
