@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from evfsam_lightning.data import transforms
 from evfsam_lightning.models.builders import build_model
 from evfsam_lightning.models.checkpoints import load_reference_weights
-from evfsam_lightning.training.losses import mask_loss
+from evfsam_lightning.models.parity import beit3_config_from_manifest, check_training
 
 FLOAT_TOL = 1e-4
 LOSS_RTOL = 1e-5
@@ -69,13 +69,6 @@ class Report:
 def model_config_from_manifest(manifest: dict) -> dict:
     """Our model config dict from a fixture manifest's `architecture` section."""
     arch = manifest["architecture"]
-    enc = arch["beit3"]["encoder_config"]
-    beit3 = {
-        "embed_dim": enc["encoder_embed_dim"], "depth": enc["encoder_layers"],
-        "num_heads": enc["encoder_attention_heads"], "ffn_dim": enc["encoder_ffn_embed_dim"],
-        "vocab_size": enc["vocab_size"], "image_size": enc["img_size"], "patch_size": enc["patch_size"],
-        "max_text_positions": enc["max_source_positions"], "layer_norm_eps": enc.get("layernorm_eps", 1e-5),
-    }
     ie, pe, md = arch["sam_image_encoder"], arch["sam_prompt_encoder"], arch["sam_mask_decoder"]
     sam = {
         "image_size": ie["img_size"], "patch_size": ie["patch_size"], "encoder_dim": ie["embed_dim"],
@@ -87,7 +80,7 @@ def model_config_from_manifest(manifest: dict) -> dict:
         "iou_head_hidden_dim": md["iou_head_hidden_dim"], "num_multimask_outputs": md["num_multimask_outputs"],
         "mask_in_chans": pe["mask_in_chans"],
     }
-    return {"family": "sam", "beit3": beit3, "sam": sam}
+    return {"family": "sam", "beit3": beit3_config_from_manifest(manifest), "sam": sam}
 
 
 def check_sam1(fixture: Path, manifest: dict, report: Report) -> None:
@@ -139,62 +132,29 @@ def check_sam1(fixture: Path, manifest: dict, report: Report) -> None:
         report.mask("pred_mask", (logits[0] > 0), io["pred_mask"], io["mask_logits"][0], FLOAT_TOL)
 
     # Training forward + loss + backward (SAM frozen, as the fixture's reference run)
-    model.train()
-    for p in model.visual_model.parameters():
-        p.requires_grad_(False)
-    model.zero_grad(set_to_none=True)
-    offset = io["train_offset"]
-    n = int(offset[-1])
-    counts = (offset[1:] - offset[:-1]).tolist()
-    image_index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    batch = {
-        "sam_pixel_values": io["sam_pixel_values"].expand(len(counts), -1, -1, -1),
-        "beit_pixel_values": io["beit_pixel_values"].expand(len(counts), -1, -1, -1),
-        "input_ids": io["train_input_ids"], "attention_mask": io["train_attention_masks"].bool(),
-        "image_index": image_index,
-        "resize_hw": io["sam_resize_hw"].expand(len(counts), 2),
-        "original_hw": io["original_size_hw"].expand(len(counts), 2),
-    }
-    with torch.no_grad():
-        frozen_feats = model.encode_images(batch["sam_pixel_values"])
-    out = model(batch, image_features=frozen_feats)
-    feature = model.fusion_feature(batch["beit_pixel_values"].index_select(0, image_index),
-                                   batch["input_ids"], batch["attention_mask"])
-    report.close("train_beit3_feature", feature, io["train_beit3_feature"])
-    report.close("train_prompt_embeddings", out.prompt_embeddings, io["train_prompt_embeddings"])
-    report.close("train_low_res_masks", out.low_res_logits, io["train_low_res_masks"])
-    targets = list(io["gt_masks"][:n].split(counts))
-    w = manifest.get("results", {}).get("loss_weights", {})
-    losses = mask_loss(out.logits, targets, w.get("bce_loss_weight", 2.0), w.get("dice_loss_weight", 0.5))
-    report.relative("loss", losses["loss"], io["loss"])
-    report.relative("mask_bce_loss", losses["bce"], io["mask_bce_loss"])
-    report.relative("mask_dice_loss", losses["dice"], io["mask_dice_loss"])
-    losses["loss"].backward()
-    named = dict(model.named_parameters())
-    for key in sorted(k for k in io if k.startswith("grad.")):
-        name = key[len("grad."):]
-        grad = named[name].grad
-        report.close(key, grad if grad is not None else torch.zeros_like(named[name]), io[key])
+    check_training(model, io, manifest, report, io["sam_resize_hw"])
 
-    def norm(prefix: str) -> torch.Tensor:
-        grads = [p.grad.double().pow(2).sum() for k, p in named.items() if k.startswith(prefix) and p.grad is not None]
-        return torch.stack(grads).sum().sqrt()
 
-    report.close("projector_grad_norm", norm("text_hidden_fcs."), io["projector_grad_norm"])
-    if "mm_extractor_grad_norm" in io:
-        report.close("mm_extractor_grad_norm", norm("mm_extractor."), io["mm_extractor_grad_norm"])
+def fixture_family(manifest: dict) -> str:
+    """The SAM family of a fixture, `sam` or `sam2`: its `family` field, else (S2A has none) SAM-2
+    when the model is an EvfSam2Model or the architecture describes a Hiera trunk."""
+    arch = manifest.get("architecture", {})
+    family = manifest.get("family") or arch.get("family")
+    if family is None:
+        family = "sam2" if "hiera" in arch or "Sam2" in manifest.get("model", "") else "sam"
+    return "sam" if family == "sam1" else family
 
 
 def run(fixture: Path) -> bool:
     fixture = Path(fixture)
     manifest = json.loads((fixture / "manifest.json").read_text())
-    family = manifest.get("family") or manifest.get("architecture", {}).get("family", "sam")
+    family = fixture_family(manifest)
     torch.manual_seed(0)
     report = Report()
-    if family in ("sam", "sam1"):
+    if family == "sam":
         check_sam1(fixture, manifest, report)
     else:
-        from evfsam_lightning.models.sam2 import check_parity_sam2  # added with the SAM-2 backbone
+        from evfsam_lightning.models.parity_sam2 import check_parity_sam2
 
         check_parity_sam2(fixture, manifest, report)
     print(f"fixture {fixture} ({manifest.get('fixture', '?')}, family {family})")

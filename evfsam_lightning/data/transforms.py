@@ -47,12 +47,18 @@ def sam_preprocess(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Ten
     return x, (rh, rw)
 
 
-def sam2_preprocess(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
-    """SAM-2 input: plain Pillow bilinear resize to (S, S) (aspect ratio not kept, no padding),
-    SAM's mean/std. Returns ((3, S, S), (S, S))."""
+def sam2_resize(image: np.ndarray, image_size: int = 1024) -> torch.Tensor:
+    """SAM-2's resize: torch's native uint8 bilinear kernel to (S, S), aspect ratio not kept, no
+    antialias (the reference `sam_preprocess(model_type="sam2")`). Pillow gives the same pixels only
+    when both sides are upsampled; it antialiases when downsampling. Returns uint8 (3, S, S)."""
     _check_rgb_uint8(image)
-    resized = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
-    return _normalise_sam(resized), (image_size, image_size)
+    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)[0]
+
+
+def sam2_preprocess(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM-2 input: `sam2_resize` (no padding), SAM's mean/std. Returns ((3, S, S), (S, S))."""
+    return _normalise_sam(sam2_resize(image, image_size).permute(1, 2, 0).numpy()), (image_size, image_size)
 
 
 def beit3_preprocess(image: np.ndarray, image_size: int = BEIT3_IMAGE_SIZE) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Named model sizes and the one place that turns dimensions into an `EvfSam`.
 
 The numbers live here, not in the modules: `evf-sam` is SAM ViT-H + BEiT-3 large (the released
-EVF-SAM), `evf-sam-beit3-base` swaps in BEiT-3 base, `tiny` is a CPU-sized model for tests and
-the quickstart. Any other dimensions come from a config dict (e.g. a fixture manifest or a recipe).
+EVF-SAM), `evf-sam-beit3-base` swaps in BEiT-3 base, `evf-sam2` is SAM-2 Hiera-L + BEiT-3 large (the
+released EVF-SAM2), `tiny` and `tiny-sam2` are CPU-sized models for tests and the quickstart. Any
+other dimensions come from a config dict (e.g. a fixture manifest or a recipe).
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import torch
 from evfsam_lightning.models.beit3 import Beit3, Beit3Config
 from evfsam_lightning.models.evfsam import EvfSam
 from evfsam_lightning.models.sam import Sam1Backbone, Sam1Config
+from evfsam_lightning.models.sam2 import Sam2Backbone, Sam2Config
 
 BEIT3_LARGE = Beit3Config()
 BEIT3_BASE = Beit3Config(embed_dim=768, depth=12, num_heads=12, ffn_dim=3072)
 SAM_VIT_H = Sam1Config()
 SAM_VIT_L = Sam1Config(encoder_dim=1024, encoder_depth=24, encoder_heads=16, global_attn_indexes=[5, 11, 17, 23])
 SAM_VIT_B = Sam1Config(encoder_dim=768, encoder_depth=12, encoder_heads=12, global_attn_indexes=[2, 5, 8, 11])
+SAM2_HIERA_L = Sam2Config()
+TINY_BEIT3 = Beit3Config(embed_dim=128, depth=4, num_heads=4, ffn_dim=256, vocab_size=512, image_size=128,
+                         patch_size=16, max_text_positions=128)
 
 
 @dataclass
@@ -59,8 +64,6 @@ def sam_config_class(family: str):
     if family == "sam":
         return Sam1Config
     if family == "sam2":
-        from evfsam_lightning.models.sam2 import Sam2Config
-
         return Sam2Config
     raise ValueError(f"unknown SAM family {family!r} (allowed: sam, sam2)")
 
@@ -70,12 +73,17 @@ MODEL_SIZES: dict[str, EvfSamConfig] = {
     "evf-sam-beit3-base": EvfSamConfig(beit3=BEIT3_BASE, sam=SAM_VIT_H),
     # CPU-sized (about 1.8M parameters), shaped after the quickstart calibration on 2 CPU threads.
     "tiny": EvfSamConfig(
-        beit3=Beit3Config(embed_dim=128, depth=4, num_heads=4, ffn_dim=256, vocab_size=512, image_size=128,
-                          patch_size=16, max_text_positions=128),
+        beit3=TINY_BEIT3,
         sam=Sam1Config(image_size=128, patch_size=8, encoder_dim=64, encoder_depth=2, encoder_heads=2,
                        global_attn_indexes=[0, 1], window_size=4, prompt_dim=64, decoder_heads=4,
                        decoder_mlp_dim=256, iou_head_hidden_dim=64),
     ),
+    # SAM-2 Hiera-L (sam2_hiera_l.yaml) with its memory modules, which are only carried for checkpoints.
+    "evf-sam2": EvfSamConfig(family="sam2", beit3=BEIT3_LARGE, sam=SAM2_HIERA_L),
+    "tiny-sam2": EvfSamConfig(family="sam2", beit3=TINY_BEIT3, sam=Sam2Config(
+        image_size=256, embed_dim=16, num_heads=1, stages=[1, 1, 2, 1], global_attn_blocks=[3],
+        window_spec=[8, 4, 8, 4], prompt_dim=32, decoder_heads=4, decoder_mlp_dim=64, iou_head_hidden_dim=32,
+        mem_dim=16, memory_attention_layers=1, memory_attention_ffn_dim=64, memory_fuser_layers=1)),
 }
 
 
@@ -93,8 +101,6 @@ def model_config(name_or_dict: str | dict | EvfSamConfig) -> EvfSamConfig:
 def build_backbone(cfg: EvfSamConfig):
     if cfg.family == "sam":
         return Sam1Backbone(cfg.sam)
-    from evfsam_lightning.models.sam2 import Sam2Backbone
-
     return Sam2Backbone(cfg.sam)
 
 

@@ -89,18 +89,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # -- key names ----------------------------------------------------------------------------------
+_SAM_PREFIX = "visual_model."
+
+
+def _map_sam_part(state: Mapping[str, torch.Tensor], convert) -> dict[str, torch.Tensor]:
+    """Apply `convert` (a backbone's state-level key map) to the `visual_model.` part of `state`."""
+    out = {k: v for k, v in state.items() if not k.startswith(_SAM_PREFIX)}
+    sam = {k[len(_SAM_PREFIX):]: v for k, v in state.items() if k.startswith(_SAM_PREFIX)}
+    out.update({_SAM_PREFIX + k: v for k, v in convert(sam).items()})
+    return out
+
+
 def from_reference(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official key names -> ours (only the SAM part is renamed)."""
-    vm = model.visual_model
-    return {("visual_model." + vm.from_reference_key(k[13:]) if k.startswith("visual_model.") else k): v
-            for k, v in state.items()}
+    return _map_sam_part(state, model.visual_model.from_reference_state)
 
 
 def to_reference(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our key names -> the official ones."""
-    vm = model.visual_model
-    return {("visual_model." + vm.to_reference_key(k[13:]) if k.startswith("visual_model.") else k): v
-            for k, v in state.items()}
+    return _map_sam_part(state, model.visual_model.to_reference_state)
 
 
 def _prefixes(allow: Iterable[str]) -> tuple[str, ...]:
@@ -144,11 +151,24 @@ def load_reference_weights(model: nn.Module, path: str | os.PathLike, **allow) -
     return load_into(model, from_reference(model, read_state_dict(path)), source=str(path), **allow)
 
 
+#: A key only the SAM-1 / only the SAM-2 own checkpoints have, to name a family mismatch plainly.
+_FAMILY_MARKERS = {"sam": "image_encoder.patch_embed.proj.weight", "sam2": "image_encoder.trunk.patch_embed.proj.weight"}
+
+
 def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> KeyReport:
-    """SAM's own `sam_vit_*.pth` (keys `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`) into
-    the SAM part; BEiT-3 and the projector are left as they are."""
+    """SAM's own checkpoint into the SAM part; BEiT-3 and the projector are left as they are.
+
+    SAM-1 `sam_vit_*.pth` (keys `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`) for EVF-SAM,
+    SAM-2 `sam2_hiera_*.pt` (`{"model": {...}}`: `image_encoder.trunk.*`, `sam_mask_decoder.*`, the
+    memory modules, ...) for EVF-SAM2. EVF-SAM2 builds on SAM 2, not SAM 2.1 (whose files hold
+    extra keys, reported as unexpected)."""
     state = read_state_dict(path)
-    state = {"visual_model." + k: v for k, v in state.items()}
+    family = model.visual_model.family
+    if _FAMILY_MARKERS[family] not in state:
+        other = [f for f, marker in _FAMILY_MARKERS.items() if marker in state]
+        found = f"a {other[0]} checkpoint" if other else f"no {_FAMILY_MARKERS[family]}"
+        raise CheckpointError(f"{path}: the model's SAM family is {family!r} but the file holds {found}")
+    state = {_SAM_PREFIX + k: v for k, v in state.items()}
     return load_into(model, from_reference(model, state), source=str(path), allow_missing=("beit3", "projector"))
 
 
@@ -161,7 +181,7 @@ def load_hf_sam_checkpoint(model: nn.Module, path: str | os.PathLike) -> KeyRepo
     if shared is not None and pe is not None and not torch.equal(shared, pe):
         raise CheckpointError(f"{path}: shared_image_embedding and the prompt encoder's positional "
                               "matrix differ; the model has one copy")
-    state = {"visual_model." + k: v for k, v in state.items()}
+    state = {_SAM_PREFIX + k: v for k, v in state.items()}
     return load_into(model, state, source=str(path), allow_missing=("beit3", "projector"))
 
 
@@ -182,7 +202,9 @@ def _weights_file(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: no weights file ({WEIGHTS_SAFETENSORS} or {WEIGHTS_BIN}, or a sharded index)")
 
 
-_REFERENCE_SCALES = {("sam", "huge", "large"): "evf-sam", ("sam", "huge", "base"): "evf-sam-beit3-base"}
+#: (family, sam_scale, mm_extractor_scale) of an official config.json -> our named size
+_REFERENCE_SCALES = {("sam", "huge", "large"): "evf-sam", ("sam", "huge", "base"): "evf-sam-beit3-base",
+                     ("sam2", "large", "large"): "evf-sam2"}
 
 
 def folder_model_config(folder: str | os.PathLike) -> EvfSamConfig:
@@ -200,7 +222,7 @@ def folder_model_config(folder: str | os.PathLike) -> EvfSamConfig:
     if "evfsam_lightning" in cfg:
         return model_config(cfg["evfsam_lightning"]["model"])
     family = "sam2" if any("Sam2" in a for a in cfg.get("architectures", [])) else "sam"
-    key = (family, cfg.get("sam_scale", "huge"), cfg.get("mm_extractor_scale", "large"))
+    key = (family, cfg.get("sam_scale", "huge" if family == "sam" else "large"), cfg.get("mm_extractor_scale", "large"))
     if key not in _REFERENCE_SCALES:
         raise CheckpointError(f"{cfg_file}: no known model for family/sam_scale/mm_extractor_scale {key}")
     return model_config(_REFERENCE_SCALES[key])

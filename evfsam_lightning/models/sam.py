@@ -13,6 +13,7 @@ transformers defaults to 1e-6).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,8 +51,27 @@ class SamBackbone(nn.Module):
     def to_reference_key(self, key: str) -> str:
         raise NotImplementedError
 
+    def from_reference_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Official SAM-part tensors (keys without `visual_model.`) under our names. One tensor per
+        key here; a family whose modules merge or split reference tensors overrides this."""
+        return {self.from_reference_key(k): v for k, v in state.items()}
+
+    def to_reference_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of `from_reference_state`."""
+        return {self.to_reference_key(k): v for k, v in state.items()}
+
     def image_encoder(self) -> list[nn.Module]:
         return [getattr(self, n) for n in self.image_encoder_names]
+
+
+def grid_positional_encoding(embedding: nn.Module, height: int, width: int) -> torch.Tensor:
+    """Random-Fourier encoding (transformers' SAM/SAM-2 `shared_embedding`) of the cell centres of an
+    (height, width) grid: (1, C, height, width)."""
+    table = embedding.positional_embedding
+    ys = (torch.arange(height, device=table.device, dtype=table.dtype) + 0.5) / height
+    xs = (torch.arange(width, device=table.device, dtype=table.dtype) + 0.5) / width
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
+    return embedding(grid).permute(2, 0, 1).unsqueeze(0)
 
 
 @dataclass
@@ -175,11 +195,7 @@ class Sam1Backbone(SamBackbone):
     # -- prompts ------------------------------------------------------------------------------
     def image_positional_encoding(self, height: int, width: int) -> torch.Tensor:
         """Random-Fourier encoding of the embedding grid at cell centres: (1, C, h, w)."""
-        table = self.prompt_encoder.shared_embedding.positional_embedding
-        ys = (torch.arange(height, device=table.device, dtype=table.dtype) + 0.5) / height
-        xs = (torch.arange(width, device=table.device, dtype=table.dtype) + 0.5) / width
-        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y)
-        return self.prompt_encoder.shared_embedding(grid).permute(2, 0, 1).unsqueeze(0)
+        return grid_positional_encoding(self.prompt_encoder.shared_embedding, height, width)
 
     def decode(self, features: dict[str, torch.Tensor], image_index: torch.Tensor, prompt: torch.Tensor,
                multimask_output: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,9 @@ UNUSED = {
             "visual_model.mask_decoder.iou_prediction_head.",
             "visual_model.prompt_encoder.not_a_point_embed.", "visual_model.prompt_encoder.mask_embed.",
             "visual_model.prompt_encoder.shared_embedding.positional_embedding"),
+    # SAM-2 is frozen in EVF-SAM2; listed so an explicit unfreeze of these is refused.
+    "sam2": ("mm_extractor.beit3.vision_embed.mask_token", "visual_model.video_memory.",
+             "visual_model.mask_decoder.pred_obj_score_head.", "visual_model.mask_decoder.iou_prediction_head."),
 }
 
 #: The trainable set of each mode, as name prefixes.
