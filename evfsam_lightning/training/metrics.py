@@ -42,10 +42,12 @@ class ReferringIoU(Metric):
         inter, union = intersection_union(logits, target.to(logits.device))
         iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
         ids = source_ids.to(self.intersection.device)
-        self.intersection.index_add_(0, ids, inter.to(self.intersection.device))
-        self.union.index_add_(0, ids, union.to(self.union.device))
-        self.iou_sum.index_add_(0, ids, iou.to(self.iou_sum.device))
-        self.count.index_add_(0, ids, torch.ones_like(iou, device=self.count.device))
+        # Strategies may cast the states (DeepSpeed makes them float32): follow the state dtype.
+        inter, union, iou = (t.to(self.intersection) for t in (inter, union, iou))
+        self.intersection.index_add_(0, ids, inter)
+        self.union.index_add_(0, ids, union)
+        self.iou_sum.index_add_(0, ids, iou)
+        self.count.index_add_(0, ids, torch.ones_like(iou))
 
     def compute(self) -> dict[str, float]:
         """{source: {"giou", "ciou", "expressions"}} plus "all" over every source."""

@@ -59,7 +59,9 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     if s.deepspeed_config:
         path = Path(s.deepspeed_config)
         try:
-            return json.loads(path.read_text())
+            config = json.loads(path.read_text())
+            config.setdefault("train_micro_batch_size_per_gpu", cfg.trainer.micro_batch_size)
+            return config
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"strategy.deepspeed_config: cannot read {path}: {e}") from e
     zero = {"stage": s.zero_stage, "contiguous_gradients": True, "overlap_comm": torch.cuda.is_available(),
@@ -68,7 +70,9 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         zero.update({"stage3_param_persistence_threshold": int(1e5), "stage3_prefetch_bucket_size": int(5e7)})
     if s.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    config = {"zero_optimization": zero, "zero_allow_untested_optimizer": True}
+    # The micro-batch is stated: Lightning cannot read it from our iterable loaders.
+    config = {"zero_optimization": zero, "zero_allow_untested_optimizer": True,
+              "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size}
     if cfg.trainer.precision == "bf16-mixed":
         config["bf16"] = {"enabled": True, "check_grad_overflow": True}  # skip steps with non-finite grads
     return config
