@@ -349,7 +349,7 @@ class EvfDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the training stream where `state_dict` (from `state_dict()`) left it."""
         self._pending_state = state_dict  # applied by setup(), once rank and sources are known
-        if self.rank is not None:
+        if self.rank is not None or None not in self._topology:
             self.setup()
 
     def _apply_state(self, state: dict[str, Any]) -> None:

@@ -169,14 +169,20 @@ def _read_sizes_file(path: str) -> dict[str, int]:
     return {str(k): int(v) for k, v in data.items()}
 
 
+def _shard_name(url: str) -> str:
+    """The file name of a shard, also inside a command (`pipe:aws s3 cp s3://b/x-000.tar -` -> x-000.tar)."""
+    tars = [t for t in url.split() if t.endswith((".tar", ".tar.gz", ".tgz"))]
+    return os.path.basename(_local_path(tars[-1] if tars else url))
+
+
 def shard_sizes(urls: Sequence[str], sizes_file: str | None = None) -> list[int] | None:
     """Sample counts of the shards, or None when some are unknown.
 
-    Looked up by shard file name in `sizes_file` if given (full URLs work as keys too), else in a
-    `sizes.json` next to each local shard (open_clip's convention)."""
+    Looked up by shard file name (or full URL) in `sizes_file` if given, else in a `sizes.json`
+    next to each local shard (open_clip's convention)."""
     sizes = []
     for url in urls:
-        name = os.path.basename(_local_path(url))
+        name = _shard_name(url)
         if sizes_file is not None:
             table = _read_sizes_file(sizes_file)
         elif is_local(url) and os.path.isfile(os.path.join(os.path.dirname(_local_path(url)), "sizes.json")):

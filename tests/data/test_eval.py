@@ -1,0 +1,63 @@
+"""Validation/test streams: finite, ordered, every sample exactly once across ranks, equal batch counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_source
+
+from evfsam_lightning.data.batching import eval_batch_ranges
+from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
+
+
+@pytest.mark.parametrize("total", [2, 3, 7, 13, 40])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_eval_ranges_partition_the_split_into_equal_batch_counts(total, world_size, batch_size):
+    if total < world_size:
+        with pytest.raises(ValueError, match="cannot be shared"):
+            eval_batch_ranges(total, world_size, batch_size)
+        return
+    ranks = eval_batch_ranges(total, world_size, batch_size)
+    covered = sorted(i for r in ranks for lo, hi in r for i in range(lo, hi))
+    assert covered == list(range(total))
+    assert len({len(r) for r in ranks}) == 1
+    sizes = [hi - lo for r in ranks for lo, hi in r]
+    assert min(sizes) >= 1
+    assert max(sizes) <= (batch_size if batch_size > 1 or total % world_size == 0 else 2)
+
+
+@pytest.fixture(scope="module")
+def val_split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("val")
+    samples = write_source(root, "refcoco_val", 13, 3, sizes=False)  # counted by reading
+    samples.update(write_source(root, "ade20k_val", 9, 2))  # sizes.json
+    return root, samples
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_val_sample_exactly_once_across_two_ranks(val_split, tokenizer_dir, num_workers):
+    root, samples = val_split
+    cfg = DataConfig(tokenizer=tokenizer_dir, batch_size=2, num_workers=num_workers, sam_image_size=32,
+                     beit_image_size=16, max_expressions_per_image=1,
+                     val_sources=[SourceConfig("refcoco_val", str(root / "refcoco_val")),
+                                  SourceConfig("ade20k_val", str(root / "ade20k_val" / "*.tar"))])
+    per_rank = []
+    for rank in (0, 1):
+        loaders = EvfDataModule(cfg, rank=rank, world_size=2).val_dataloader()
+        per_rank.append([list(loader) for loader in loaders])
+    for idx, name in enumerate(("refcoco_val", "ade20k_val")):
+        counts = [len(per_rank[r][idx]) for r in (0, 1)]
+        assert counts[0] == counts[1] > 0
+        # Rank 0 takes the first half of the split in shard order, rank 1 the rest.
+        n, n_shards = (13, 3) if name == "refcoco_val" else (9, 2)
+        in_order = [f"{name}_{i:05d}" for s in range(n_shards) for i in range(s, n, n_shards)]
+        assert [k for r in (0, 1) for b in per_rank[r][idx] for k in b["keys"]] == in_order
+        for batch in (b for r in (0, 1) for b in per_rank[r][idx]):
+            assert 1 <= len(batch["keys"]) <= 2
+            for i, key in enumerate(batch["keys"]):  # every object, first expression, in order
+                objects = samples[key].objects
+                lo, hi = batch["offsets"][i], batch["offsets"][i + 1]
+                assert batch["expressions"][lo:hi] == [o.expressions[0] for o in objects]
+                assert torch.equal(batch["masks"][i], torch.from_numpy(np.stack([o.mask for o in objects])))
