@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import write_source
+from tests.data.conftest import write_source
 
 from evfsam_lightning.data.batching import eval_batch_ranges
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import consume, make_sample, write_shard
+from tests.data.conftest import consume, make_sample, write_shard
 
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
 from evfsam_lightning.data.schema import encode_sample

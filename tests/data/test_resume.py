@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import config, consume
+from tests.data.conftest import config, consume
 
 from evfsam_lightning.data.datamodule import EvfDataModule
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import config, consume, make_sample, write_shard
+from tests.data.conftest import config, consume, make_sample, write_shard
 
 from evfsam_lightning.data.datamodule import EvfDataModule, data_config_from_dict, load_data_config
 from evfsam_lightning.data.schema import encode_sample
