@@ -1,11 +1,12 @@
 """evfsam-predict: segment what a sentence refers to in one image.
 
-    evfsam-predict --checkpoint CHECKPOINT_DIR --image photo.jpg --text "the dog on the left" \
+    evfsam-predict --checkpoint CHECKPOINT --image photo.jpg --text "the dog on the left" \
         --out mask.png [--overlay overlay.png]
     evfsam-predict --demo --out demo/mask.png     # tiny random model on a generated image, no files needed
 
-CHECKPOINT_DIR is an EVF-SAM checkpoint folder in the official layout (config.json, model.safetensors
-or pytorch_model.bin, sentencepiece.bpe.model), as released or as written by evfsam-export.
+CHECKPOINT is an evfsam-train checkpoint (`.ckpt`, or a DeepSpeed/FSDP directory) or an EVF-SAM
+folder in the official layout (config.json, model.safetensors or pytorch_model.bin,
+sentencepiece.bpe.model), as released or as written by evfsam-export.
 """
 
 from __future__ import annotations
@@ -38,22 +39,10 @@ def _demo_checkpoint(folder: Path) -> tuple[Path, np.ndarray]:
     return ckpt, image
 
 
-def load_for_inference(checkpoint: str | Path, device: str = "cpu"):
-    """(model, tokenizer) from an official-layout folder; training checkpoints come with the trainer."""
-    from evfsam_lightning.models.checkpoints import load_reference_folder
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        return load_reference_folder(path, device=device)
-    raise ValueError(f"{path}: expected a checkpoint folder (config.json + weights + tokenizer)")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="evfsam-predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="EVF-SAM checkpoint folder")
+    p.add_argument("--checkpoint", help="training checkpoint or EVF-SAM folder")
     p.add_argument("--image", help="input image (any format Pillow reads)")
     p.add_argument("--text", help="the referring expression")
     p.add_argument("--out", required=True, help="where to write the binary mask (PNG, 0/255)")
@@ -77,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             image = np.asarray(Image.open(args.image).convert("RGB"))
         except OSError as e:
             p.error(f"cannot read image {args.image}: {e}")
+    from evfsam_lightning.training.loading import load_for_inference
+
     model, tokenizer = load_for_inference(ckpt, args.device)
     logits = model.predict(image, text, tokenizer).float().cpu()
     mask = (logits > 0).numpy()

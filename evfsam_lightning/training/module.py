@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from evfsam_lightning.config import RunConfig
 from evfsam_lightning.models import checkpoints as ck
 from evfsam_lightning.models.builders import build_model, model_config
+from evfsam_lightning.training.loading import TOKENIZER_KEY, tokenizer_files
 from evfsam_lightning.training.losses import mask_loss
 from evfsam_lightning.training.metrics import ReferringIoU
 from evfsam_lightning.training.optim import build_optimizer, lr_lambda, parameter_groups
@@ -54,7 +55,7 @@ def build_configured_model(cfg: RunConfig, device: str | torch.device | None = N
 class EvfSamModule(L.LightningModule):
     """Train EVF-SAM. `config` is a RunConfig as a plain dict (saved in checkpoints as hparams)."""
 
-    def __init__(self, config: dict, val_sources: list[str] | None = None):
+    def __init__(self, config: dict, val_sources: list[str] | None = None, tokenizer_dir: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = config_from_dict(config)
@@ -72,6 +73,8 @@ class EvfSamModule(L.LightningModule):
         self._val_images: list[dict] = []
         # Frozen weights left out of checkpoints come back from the pretrained source.
         self.strict_loading = self.cfg.checkpoint.save_frozen
+        # Checkpoints carry the tokenizer, so that they are usable on their own.
+        self.tokenizer_files = tokenizer_files(tokenizer_dir) if tokenizer_dir else None
 
     def configure_model(self) -> None:
         if self.cfg.strategy.name == "fsdp" and not getattr(self, "_sharded", False):
@@ -221,6 +224,8 @@ class EvfSamModule(L.LightningModule):
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        if self.tokenizer_files is not None:
+            checkpoint[TOKENIZER_KEY] = self.tokenizer_files
         if not self.cfg.checkpoint.save_frozen:
             state = checkpoint["state_dict"]
             trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -229,7 +234,7 @@ class EvfSamModule(L.LightningModule):
                 raise AssertionError("refusing to leave a trainable parameter out of the checkpoint")
             for k in drop:
                 del state[k]
-            checkpoint["frozen_left_out"] = len(drop)
+            checkpoint["frozen_left_out"] = [k[len("model."):] for k in drop]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("rng")
@@ -241,8 +246,9 @@ class EvfSamModule(L.LightningModule):
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         state = checkpoint.get("state_dict", {})
         if checkpoint.get("frozen_left_out"):
-            own = {f"model.{n}" for n in self.frozen_names}
-            missing = [k for k in self.state_dict() if k not in state and k not in own and not k.startswith("val_iou")]
+            left_out = {f"model.{n}" for n in checkpoint["frozen_left_out"]}
+            missing = [k for k in self.state_dict() if k not in state and k not in left_out
+                       and not k.startswith("val_iou")]
             if missing:
                 raise ck.CheckpointError(f"checkpoint lacks trainable weights: {', '.join(missing[:10])}")
 

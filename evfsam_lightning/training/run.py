@@ -151,7 +151,8 @@ def train(cfg: RunConfig) -> L.Trainer:
     size = model_config(dict(cfg.model.dims)) if cfg.model.size == "custom" else model_config(cfg.model.size)
     datamodule = EvfDataModule(data_config(cfg, size))
     config_dict = _as_dict(cfg)
-    module = EvfSamModule(config_dict, val_sources=[s.name for s in datamodule.config.val_sources])
+    module = EvfSamModule(config_dict, val_sources=[s.name for s in datamodule.config.val_sources],
+                          tokenizer_dir=datamodule.config.tokenizer)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         atomic_write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))

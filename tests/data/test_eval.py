@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.data.conftest import write_source
 
 from evfsam_lightning.data.batching import eval_batch_ranges
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
+from tests.data.conftest import write_source
 
 
 @pytest.mark.parametrize("total", [2, 3, 7, 13, 40])

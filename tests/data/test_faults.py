@@ -10,11 +10,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.data.conftest import consume, make_sample, write_shard
 
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
 from evfsam_lightning.data.schema import encode_sample
 from evfsam_lightning.data.stream import DataError, SkipLog, SourceReader, iter_shard
+from tests.data.conftest import consume, make_sample, write_shard
 
 
 def _members(key: str, n_objects: int = 2) -> dict:

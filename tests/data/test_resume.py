@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.data.conftest import config, consume
 
 from evfsam_lightning.data.datamodule import EvfDataModule
+from tests.data.conftest import config, consume
 
 
 def _view(batches: list[dict]) -> list[tuple]:

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.data.conftest import config, consume, make_sample, write_shard
 
 from evfsam_lightning.data.datamodule import EvfDataModule, data_config_from_dict, load_data_config
 from evfsam_lightning.data.schema import encode_sample
 from evfsam_lightning.data.stream import SkipLog, expand_urls, iter_shard, shard_sizes
 from evfsam_lightning.data.transforms import beit3_preprocess, sam2_preprocess, sam_preprocess
+from tests.data.conftest import config, consume, make_sample, write_shard
 
 
 def test_expand_urls_handles_braces_directories_globs_pipes_and_lists(three_sources):

@@ -1,0 +1,51 @@
+"""evfsam-export: write a checkpoint in the official EVF-SAM layout, and consolidate sharded ones.
+
+    evfsam-export --checkpoint runs/quickstart/checkpoints/step-00002000.ckpt --out exported/quickstart
+    evfsam-export --checkpoint runs/big/checkpoints/step-00010000.ckpt --consolidate-only --out full.ckpt
+
+The exported folder (config.json, model.safetensors under the official key names, tokenizer files)
+loads in the reference inference code and in `evfsam-predict` / `evfsam-eval`. DeepSpeed and FSDP
+checkpoint directories are consolidated first; `--consolidate-only` writes that single-file
+checkpoint (loadable without the strategy) instead of exporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp16": "float16", "float16": "float16"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="evfsam-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the exported weights")
+    p.add_argument("--consolidate-only", action="store_true", help="sharded checkpoint -> one .ckpt file")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from evfsam_lightning.models.checkpoints import export_reference
+    from evfsam_lightning.training.loading import consolidate, is_sharded, load_for_inference, write_tokenizer
+
+    if args.consolidate_only:
+        if not is_sharded(args.checkpoint):
+            p.error(f"{args.checkpoint} is not a DeepSpeed or FSDP checkpoint directory")
+        print(f"consolidated -> {consolidate(args.checkpoint, args.out)}")
+        return 0
+    model, tokenizer = load_for_inference(args.checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok_dir = write_tokenizer(tokenizer.evfsam_files, Path(tmp) / "tokenizer")
+        out = export_reference(model, args.out, tokenizer_dir=tok_dir, dtype=getattr(torch, _DTYPES[args.dtype]))
+    print(f"exported -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Evaluation of any checkpoint on shard splits: gIoU and cIoU per split, on one or more ranks.
+
+Each image is processed on its own with its expressions' padding trimmed, so the numbers do not
+depend on how images are grouped into batches or ranks (1 and 2 ranks give identical results).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from evfsam_lightning.training.metrics import ReferringIoU
+
+
+def shuffle_expressions_within_images(batch: dict) -> dict:
+    """Give every object of an image the expression of the next object (a cyclic shift): the
+    text-blind control. Images with one expression keep it."""
+    ids, mask, offsets = batch["input_ids"], batch["attention_mask"], batch["offsets"].tolist()
+    order = torch.arange(ids.shape[0])
+    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+        if end - start > 1:
+            order[start:end] = torch.roll(order[start:end], 1)
+    return {**batch, "input_ids": ids[order], "attention_mask": mask[order]}
+
+
+def single_image_batch(batch: dict, i: int) -> dict:
+    """Image i of a collated batch with its expressions, padding trimmed to their longest."""
+    start, end = batch["offsets"][i].item(), batch["offsets"][i + 1].item()
+    mask = batch["attention_mask"][start:end]
+    length = int(mask.any(0).nonzero().max()) + 1 if end > start else 1
+    return {
+        "sam_pixel_values": batch["sam_pixel_values"][i : i + 1],
+        "beit_pixel_values": batch["beit_pixel_values"][i : i + 1],
+        "input_ids": batch["input_ids"][start:end, :length], "attention_mask": mask[:, :length],
+        "image_index": torch.zeros(end - start, dtype=torch.long, device=mask.device),
+        "resize_hw": batch["resize_hw"][i : i + 1], "original_hw": batch["original_hw"][i : i + 1],
+    }
+
+
+class EvalModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, sources: list[str], shuffle_expressions: bool = False):
+        super().__init__()
+        self.model = model
+        self.sources = {name: i for i, name in enumerate(sources)}
+        self.metric = ReferringIoU(sources)
+        self.shuffle = shuffle_expressions
+        self.results: dict | None = None
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.shuffle:
+            batch = shuffle_expressions_within_images(batch)
+        for i, target in enumerate(batch["masks"]):
+            if target.shape[0] == 0:
+                continue
+            logits = self.model(single_image_batch(batch, i)).logits[0]
+            sid = self.sources[batch["sources"][i]]
+            self.metric.update(logits, target, torch.full((target.shape[0],), sid, dtype=torch.long))
+
+    def on_test_epoch_end(self) -> None:
+        self.results = self.metric.compute()
