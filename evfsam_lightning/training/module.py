@@ -75,6 +75,7 @@ class EvfSamModule(L.LightningModule):
         self.strict_loading = self.cfg.checkpoint.save_frozen
         # Checkpoints carry the tokenizer, so that they are usable on their own.
         self.tokenizer_files = tokenizer_files(tokenizer_dir) if tokenizer_dir else None
+        self.train()  # puts the fully frozen modules in eval mode from the start
 
     def configure_model(self) -> None:
         if self.cfg.strategy.name == "fsdp" and not getattr(self, "_sharded", False):
@@ -89,6 +90,9 @@ class EvfSamModule(L.LightningModule):
         for module in fully_frozen_modules(self.model):
             module.eval()  # a frozen encoder never runs in train mode
         return self
+
+    def on_train_start(self) -> None:
+        self.train()  # Lightning does not call train() itself: enforce the frozen modules' eval mode
 
     def image_features(self, batch: dict) -> dict[str, torch.Tensor]:
         frozen = fully_frozen_modules(self.model)

@@ -1,0 +1,79 @@
+"""The run config: every recipe validates, bad configs fail before any work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evfsam_lightning.config import ConfigError, help_text, load
+from evfsam_lightning.models.builders import build_model, model_config
+from tests.conftest import REPO
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    names = {p.name for p in RECIPES}
+    assert {"quickstart.yaml", "evfsam_multitask.yaml", "evfsam_refcoco.yaml", "finetune_custom.yaml",
+            "full_finetune.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_builds_its_model_on_meta(recipe: Path):
+    cfg = load(recipe)
+    text = recipe.read_text()
+    assert text.startswith("#") and "evfsam-" in text.split("\n\n")[0], "recipes start with how to launch them"
+    size = model_config(dict(cfg.model.dims)) if cfg.model.size == "custom" else model_config(cfg.model.size)
+    model = build_model(size, device="meta")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert cfg.trainer.global_batch_size % (cfg.trainer.micro_batch_size * cfg.world_size) == 0
+
+
+def test_multitask_recipe_is_the_reference_setting():
+    cfg = load(REPO / "recipes" / "evfsam_multitask.yaml")
+    assert cfg.model.size == "evf-sam" and cfg.model.mode == "frozen_image_encoder"
+    assert (cfg.strategy.name, cfg.strategy.zero_stage, cfg.trainer.precision) == ("deepspeed", 2, "bf16-mixed")
+    assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.weight_decay) == (3e-4, [0.9, 0.95], 0.0)
+    weights = {s.name: s.weight for s in cfg.data.train}
+    referring = sum(w for n, w in weights.items() if n.startswith("ref"))
+    assert (referring, weights["objects365"], weights["ade20k"], weights["partimagenet"],
+            weights["humanparsing"], weights["pascal_part"]) == (16, 4, 4, 2, 2, 1)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["trainer.maxsteps=3"], "unknown key `trainer.maxsteps`"),
+    (["modle.size=tiny"], "unknown key `modle`"),
+    (["trainer.max_steps=many"], "trainer.max_steps"),
+    (["trainer.devices=3"], "not divisible"),
+    (["strategy.name=horovod"], "strategy.name='horovod' is not allowed"),
+    (["model.mode=half"], "model.mode"),
+    (["strategy.offload=true"], "strategy.offload=true needs strategy.name=deepspeed"),
+    (["checkpoint.save_frozen=false", "model.mode=full"], "no frozen weights"),
+    (["trainer.precision=64"], "trainer.precision"),
+    (["checkpoint.resume=/nonexistent/x.ckpt"], "no such checkpoint"),
+])
+def test_bad_configs_fail_naming_the_key(overrides, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load(REPO / "recipes" / "quickstart.yaml", overrides)
+    assert needle in str(err.value)
+
+
+def test_micro_batch_and_accumulation_derive_from_the_global_batch():
+    cfg = load(REPO / "recipes" / "quickstart.yaml", ["trainer.global_batch_size=32", "trainer.micro_batch_size=4",
+                                                       "trainer.devices=2"])
+    assert cfg.accumulate_grad_batches == 4
+
+
+def test_help_lists_every_key_with_its_meaning():
+    text = help_text()
+    for key in ("trainer.global_batch_size", "checkpoint.resume", "model.mode", "strategy.zero_stage"):
+        assert key in text
+    assert "#  " not in text.replace("# ", "#")  # every key has a help text
+
+
+def test_cli_reports_config_errors_before_work(capsys):
+    from evfsam_lightning.cli.train import main
+
+    assert main([str(REPO / "recipes" / "quickstart.yaml"), "trainer.bogus=1"]) == 2
+    assert "trainer.bogus" in capsys.readouterr().err
