@@ -163,7 +163,22 @@ def train(cfg: RunConfig) -> L.Trainer:
         print(f"  tensorboard: tensorboard --logdir {(cfg.run_dir / 'tensorboard').resolve()}")
         print(f"  resuming from {ckpt}" if ckpt else "  starting from scratch")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if trainer.is_global_zero:
+        _print_summary(cfg, trainer)
     return trainer
+
+
+def _print_summary(cfg: RunConfig, trainer: L.Trainer) -> None:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    last = find_resume_checkpoint(cfg.run_dir / "checkpoints")
+    print(f"finished at step {trainer.global_step}")
+    for key in ("val/giou", "val/ciou"):
+        if key in metrics:
+            print(f"  {key}: {metrics[key]:.4f}")
+    if last is not None:
+        print(f"  last checkpoint: {last}")
+        print(f"  evaluate: evfsam-eval --checkpoint {last} --data <shards>")
+        print(f"  export:   evfsam-export --checkpoint {last} --out exported/{cfg.name}")
 
 
 def _as_dict(cfg: RunConfig) -> dict:
