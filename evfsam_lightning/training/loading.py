@@ -71,8 +71,8 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         meta = path / "meta.pt"
         if meta.is_file():  # non-tensor entries Lightning keeps beside the DCP files
             state.update(torch.load(str(meta), map_location="cpu", weights_only=True))
-        state.pop("optimizer_states", None)
-        state.pop("optimizer", None)
+        for key in [k for k in state if k.startswith("optimizer")]:  # Lightning names them optimizer_<i>
+            del state[key]
         torch.save(state, str(tmp))
     else:
         raise ck.CheckpointError(f"{path} is not a DeepSpeed or FSDP checkpoint directory")

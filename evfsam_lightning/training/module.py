@@ -84,6 +84,12 @@ class EvfSamModule(L.LightningModule):
             shard_model(self.model, self.device_mesh, self.cfg.trainer.precision)
             self._sharded = True
 
+    def on_fit_start(self) -> None:
+        from evfsam_lightning.training.strategies import register_zero3_external_parameters, zero_stage
+
+        if zero_stage(self.trainer.strategy) == 3:
+            register_zero3_external_parameters(self.trainer.strategy.model.module, self.model)
+
     # -- modes ---------------------------------------------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)
@@ -144,9 +150,11 @@ class EvfSamModule(L.LightningModule):
             self._nonfinite_run = 0
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if params:
-            norm = torch.linalg.vector_norm(torch.stack([_local(p.grad).float().norm() for p in params]))
+        # Under DeepSpeed the gradients live in its own buffers (p.grad is None): nothing to log here.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: over all shards
             self.log("train/grad_norm", norm, batch_size=1)
         if self._skip_update:
             # AdamW skips parameters without gradients: weights and optimizer state stay untouched.
@@ -255,8 +263,3 @@ class EvfSamModule(L.LightningModule):
                        and not k.startswith("val_iou")]
             if missing:
                 raise ck.CheckpointError(f"checkpoint lacks trainable weights: {', '.join(missing[:10])}")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t

@@ -53,6 +53,32 @@ class DeepSpeedAnyDevice(DeepSpeedStrategy):
         return engine, ds_optimizer
 
 
+#: Parameters that `EvfSam.forward` reads outside their own module's forward (a module's `.weight`
+#: used as a tensor). ZeRO-3 gathers a parameter for the module whose forward uses it and again in
+#: that module's backward; for these that module is `EvfSam`, whose dataclass output hides its
+#: tensors from DeepSpeed's backward hooks, so they are registered with the step's root module.
+ZERO3_EXTERNAL_PARAMETERS = ("visual_model.prompt_encoder.no_mask_embed.weight",)
+
+
+def zero_stage(strategy: Strategy) -> int:
+    """The ZeRO stage of a DeepSpeed strategy, 0 for any other strategy."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return 0
+    return int(strategy.config.get("zero_optimization", {}).get("stage", 0))
+
+
+def register_zero3_external_parameters(root: torch.nn.Module, model: torch.nn.Module) -> list[str]:
+    """ZeRO-3: keep `ZERO3_EXTERNAL_PARAMETERS` gathered through the forward and backward of `root`
+    (the module DeepSpeed's engine calls). Returns the names registered."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    params = dict(model.named_parameters())
+    names = [n for n in ZERO3_EXTERNAL_PARAMETERS if n in params]
+    for name in names:
+        register_external_parameter(root, params[name])
+    return names
+
+
 def deepspeed_config(cfg: RunConfig) -> dict:
     """The DeepSpeed JSON of a recipe (a raw `strategy.deepspeed_config` file wins)."""
     s = cfg.strategy
@@ -94,7 +120,7 @@ def build_strategy(cfg: RunConfig) -> Strategy | str:
 
 def shard_model(model: torch.nn.Module, device_mesh, mixed_precision: str = "32") -> None:
     """FSDP2: shard each transformer layer, then the whole model (parameters as DTensors)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
     kwargs = {"mesh": mesh}
@@ -106,3 +132,5 @@ def shard_model(model: torch.nn.Module, device_mesh, mixed_precision: str = "32"
         for layer in getattr(model.visual_model.vision_encoder, name, []):
             fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    # The module runs the image encoder through this method, not `forward`: it must unshard too.
+    register_fsdp_forward_method(model, "encode_images")
