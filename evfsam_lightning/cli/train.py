@@ -6,6 +6,9 @@
 
 Runs resume automatically from the newest complete checkpoint in <root_dir>/<name>/checkpoints
 (`checkpoint.resume=false` to start over, or a path).
+
+On SIGUSR1 or SIGTERM the run saves a complete checkpoint at the next optimizer step and exits:
+code 0 once it requeued its SLURM job, 75 (EX_TEMPFAIL) otherwise (run the same command to resume).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import argparse
 import sys
 
 from evfsam_lightning.config import ConfigError, help_text, load
+from evfsam_lightning.training.signals import install_signal_handlers
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First thing: a preemption signal during start-up must not kill the process (saved at step 1).
+    install_signal_handlers()
     p = argparse.ArgumentParser(prog="evfsam-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help="recipe YAML (see recipes/)")
@@ -39,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(to_yaml(cfg))
         return 0
+    from evfsam_lightning.training.preemption import preemption_exit_code
     from evfsam_lightning.training.run import train
 
-    train(cfg)
-    return 0
+    code = preemption_exit_code(train(cfg))
+    return 0 if code is None else code
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -101,6 +102,16 @@ class CompleteCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             remove_checkpoint(filepath)
 
+    def save_now(self, trainer: L.Trainer) -> Path:
+        """Save at the current step, out of schedule, as if it were a scheduled save: it takes this
+        callback's name and rotation, so the next save removes it (after a resume too). All ranks
+        call it. Only for a callback without a monitor."""
+        if self.monitor is not None:
+            raise ValueError("save_now is for periodic checkpoints (monitor=None)")
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+        return Path(self._last_checkpoint_saved)
+
 
 class FinalCheckpoint(Callback):
     """Saves a complete checkpoint when training ends, unless that step is saved already."""
@@ -133,3 +144,14 @@ class Throughput(Callback):
             rate = (step - self._step0) * self.images_per_step / (now - self._t0)
             pl_module.log("train/images_per_second", rate, batch_size=1, rank_zero_only=True)
             self._t0, self._step0 = now, step
+
+
+class ProcessLayout(Callback):
+    """Each rank prints where it runs (rank, node, host, cluster environment) when fit starts: the
+    first thing to read in the log of a multi-node job that does not come together."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        environment = type(trainer.strategy.cluster_environment).__name__
+        node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
+        print(f"rank {trainer.global_rank}/{trainer.world_size}: node_rank={trainer.node_rank} "
+              f"local_rank={trainer.local_rank} node={node} environment={environment}", flush=True)

@@ -18,10 +18,12 @@ from evfsam_lightning.config import ConfigError, RunConfig, to_yaml
 from evfsam_lightning.training.callbacks import (
     CompleteCheckpoint,
     FinalCheckpoint,
+    ProcessLayout,
     Throughput,
     atomic_write_text,
     find_resume_checkpoint,
 )
+from evfsam_lightning.training.preemption import PreemptionCheckpoint, slurm_plugins
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         CompleteCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
                            every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=1, save_last=False),
         FinalCheckpoint(ckpt_dir),
+        PreemptionCheckpoint(ckpt_dir),
         Throughput(t.global_batch_size, t.log_every_n_steps),
+        ProcessLayout(),
         *extra_callbacks,
     ]
     if cfg.logging.tensorboard:
@@ -136,7 +140,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         limit_val_batches=t.limit_val_batches or None, enable_progress_bar=cfg.logging.progress_bar,
         default_root_dir=str(cfg.run_dir), logger=logger, callbacks=callbacks, use_distributed_sampler=False,
-        deterministic=t.deterministic, enable_checkpointing=True,
+        deterministic=t.deterministic, enable_checkpointing=True, plugins=slurm_plugins(),
     )
 
 
