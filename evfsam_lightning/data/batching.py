@@ -83,8 +83,9 @@ def all_objects(sample: Sample) -> list[tuple[int, int]]:
 
 
 def make_example(sample: Sample, image: np.ndarray, picks: Sequence[tuple[int, int]],
-                 prep: Preprocessing) -> dict[str, Any]:
-    """One image's preprocessed inputs and the chosen (mask, expression) pairs."""
+                 prep: Preprocessing, source: str) -> dict[str, Any]:
+    """One image's preprocessed inputs and the chosen (mask, expression) pairs. `source` is the
+    configured source name (what logs and per-source metrics use), not the record's."""
     if prep.sam_variant == "sam":
         sam, resize_hw = sam_preprocess(image, prep.sam_image_size)
     else:
@@ -94,7 +95,7 @@ def make_example(sample: Sample, image: np.ndarray, picks: Sequence[tuple[int, i
         "sam": sam, "beit": beit3_preprocess(image, prep.beit_image_size), "resize_hw": resize_hw,
         "original_hw": (sample.height, sample.width), "masks": torch.from_numpy(masks),
         "expressions": [sample.objects[i].expressions[j] for i, j in picks],
-        "key": sample.key, "source": sample.source, "task": sample.task,
+        "key": sample.key, "source": source, "task": sample.task,
     }
 
 
@@ -231,7 +232,7 @@ class TrainStream(IterableDataset):
             except SampleError as e:
                 skips.skip(e.reason, str(e))
                 continue
-            return make_example(sample, image, pick_objects(sample, rng, self.k), self.prep)
+            return make_example(sample, image, pick_objects(sample, rng, self.k), self.prep, reader.name)
         raise DataError("too_many_skips", f"source {reader.name}: {MAX_CONSECUTIVE_SKIPS} samples in a row "
                                           f"failed to decode (see the warnings above)")
 
@@ -308,7 +309,7 @@ class EvalStream(IterableDataset):
             except SampleError as e:
                 skips.skip(e.reason, str(e))
                 continue
-            examples.append(make_example(sample, image, all_objects(sample), self.prep))
+            examples.append(make_example(sample, image, all_objects(sample), self.prep, self.name))
         batch = collate(examples, self.prep)
         batch["data_stats"] = stats(len(examples), skips.take())
         return batch

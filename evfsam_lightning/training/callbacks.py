@@ -151,7 +151,8 @@ class ProcessLayout(Callback):
     first thing to read in the log of a multi-node job that does not come together."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        environment = type(trainer.strategy.cluster_environment).__name__
+        # A single-device strategy has no cluster environment.
+        environment = type(getattr(trainer.strategy, "cluster_environment", None)).__name__
         node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
         print(f"rank {trainer.global_rank}/{trainer.world_size}: node_rank={trainer.node_rank} "
               f"local_rank={trainer.local_rank} node={node} environment={environment}", flush=True)
