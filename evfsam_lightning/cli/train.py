@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from evfsam_lightning.training.run import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as e:  # found once the run looks at its files (pretrained folder, shard sizes)
+        print(f"evfsam-train: config error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
