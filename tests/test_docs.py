@@ -116,7 +116,7 @@ def test_doc_has_the_steps_in_order():
 
 
 @pytest.mark.slow
-def test_finetune_doc_runs_as_written_and_fine_tuning_helps(tmp_path):
+def test_finetune_doc_runs_as_written_and_fine_tuning_helps(tmp_path, monkeypatch):
     env = prepare(tmp_path)
     durations = []
     for command in doc_commands():
@@ -135,6 +135,7 @@ def test_finetune_doc_runs_as_written_and_fine_tuning_helps(tmp_path):
     from evfsam_lightning.models.checkpoints import load_reference_folder
     from evfsam_lightning.training.loading import load_for_inference
 
+    monkeypatch.chdir(tmp_path)  # the run's frozen weights come back from checkpoints/evf-sam, as in the doc
     exported, tokenizer = load_reference_folder(tmp_path / "exported" / "evf-sam-mine")
     trained, _ = load_for_inference(tmp_path / "runs" / "finetune_custom")
     image = np.asarray(Image.open(tmp_path / "photo.jpg").convert("RGB"))
