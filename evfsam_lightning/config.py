@@ -28,8 +28,17 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    rank: int = doc(0, "LoRA rank on BEiT-3's attention projections (0: off); then BEiT-3's own weights freeze")
+    alpha: float = doc(16.0, "LoRA scale numerator: the update is (alpha / rank) B A")
+    targets: list[str] = doc(help="projections that get LoRA, in both multiway branches (q_proj, k_proj, v_proj, "
+                                  "out_proj)", factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+
+@dataclass
 class ModelConfig:
-    size: str = doc("tiny", "named size: evf-sam, evf-sam-beit3-base, tiny, evf-sam2, tiny-sam2; or `custom`")
+    size: str = doc("tiny", "named size: evf-sam, evf-sam-beit3-base, tiny, evf-sam2, tiny-sam2; `custom` "
+                            "(model.dims); or `auto`: the size of the `pretrained` folder's config.json")
     dims: dict[str, Any] = doc(help="with size=custom: {family, beit3: {...}, sam: {...}} dimensions", factory=dict)
     pretrained: str | None = doc(None, "EVF-SAM checkpoint folder (official layout) to start from")
     sam_checkpoint: str | None = doc(None, "SAM `sam_vit_*.pth` (or HF folder) for the SAM part")
@@ -39,6 +48,8 @@ class ModelConfig:
     freeze: list[str] = doc(help="extra parameter-name prefixes to freeze", factory=list)
     unfreeze: list[str] = doc(help="parameter-name prefixes to train although the mode freezes them", factory=list)
     activation_checkpointing: bool = doc(False, "recompute BEiT-3 (and in full mode SAM) layers in backward")
+    lora: LoraConfig = doc(help="parameter-efficient fine-tuning (exported merged into plain weights)",
+                           factory=LoraConfig)
 
 
 @dataclass
@@ -102,11 +113,14 @@ class TrainerConfig:
     accelerator: str = doc("auto", "cpu, gpu or auto")
     devices: int = doc(1, "devices (processes) per node")
     num_nodes: int = doc(1, "nodes")
-    precision: str = doc("32", "32, bf16-mixed or 16-mixed")
+    precision: str = doc("32", "32, bf16-mixed, 16-mixed, or auto (bf16-mixed on a GPU that has it, else 32)")
     global_batch_size: int = doc(8, "images per optimizer step over all ranks")
     micro_batch_size: int = doc(8, "images per forward per rank; accumulation = global / (micro x ranks)")
     max_steps: int = doc(1000, "optimizer steps")
+    max_epochs: float = doc(0.0, "if > 0: train this many passes over the training data (sets max_steps from "
+                                 "the shards' sizes.json, so the recipe fits any dataset size)")
     val_every_n_steps: int = doc(500, "validate every N optimizer steps (0: only at the end)")
+    val_every_n_epochs: float = doc(0.0, "if > 0: validate every this many passes (sets val_every_n_steps)")
     log_every_n_steps: int = doc(10, "scalar logging interval")
     limit_val_batches: int = doc(0, "validation batches per run (0: all)")
     deterministic: bool = doc(False, "torch deterministic algorithms")
@@ -118,6 +132,7 @@ class CheckpointConfig:
     keep_top_k: int = doc(1, "best checkpoints kept by validation cIoU (besides the last)")
     save_frozen: bool = doc(True, "false: leave frozen weights out (reloaded from their source on resume)")
     resume: str = doc("auto", "auto (newest complete checkpoint of the run), false, or a checkpoint path")
+    early_stopping_patience: int = doc(0, "stop after this many validations without a better val/ciou (0: off)")
 
 
 @dataclass
@@ -158,7 +173,7 @@ _CHOICES = {
     "data.mixing": ("sample", "batch"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "strategy.name": ("auto", "ddp", "deepspeed", "fsdp"),
-    "trainer.precision": ("32", "bf16-mixed", "16-mixed"),
+    "trainer.precision": ("32", "bf16-mixed", "16-mixed", "auto"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
 }
 
@@ -190,6 +205,19 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("strategy.offload=true needs strategy.name=deepspeed")
     if cfg.model.size == "custom" and not cfg.model.dims:
         raise ConfigError("model.size=custom needs model.dims")
+    if cfg.model.size == "auto" and not cfg.model.pretrained:
+        raise ConfigError("model.size=auto takes the size from model.pretrained, which is not set")
+    if cfg.model.lora.rank < 0:
+        raise ConfigError(f"model.lora.rank={cfg.model.lora.rank} must be 0 (off) or positive")
+    for key in ("max_epochs", "val_every_n_epochs"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"trainer.{key}={getattr(t, key)} must be 0 (off) or positive")
+    has_val = bool(cfg.data.val) or cfg.data.synthetic is not None
+    if cfg.checkpoint.early_stopping_patience < 0:
+        raise ConfigError(f"checkpoint.early_stopping_patience={cfg.checkpoint.early_stopping_patience} must be "
+                          "0 (off) or positive")
+    if cfg.checkpoint.early_stopping_patience and not has_val:
+        raise ConfigError("checkpoint.early_stopping_patience needs validation data (data.val)")
     if not cfg.data.train and cfg.data.synthetic is None:
         raise ConfigError("data.train is empty and data.synthetic is not set: nothing to train on")
     for src in cfg.data.train:

@@ -1,12 +1,14 @@
 """`evfsam-data`: look at what the data pipeline feeds the model.
 
     evfsam-data inspect CONFIG.yaml --samples 500 [--grid grid.png] [--rank 0 --world-size 1]
+    evfsam-data inspect recipes/finetune_custom.yaml [key=value ...] --grid grid.png
 
 prints the realized share of every source and task kind over the first N training images of one
 rank (next to each source's target share) and the skip counts, and can render a grid of samples
 with their masks overlaid and their expressions listed in the mask colours.
 
-CONFIG is a YAML file with a `data:` section whose keys are the fields of
+CONFIG is a training recipe (with `key=value` overrides, as for evfsam-train: the data the run
+would see), or a YAML file with a `data:` section whose keys are the fields of
 `evfsam_lightning.data.datamodule.DataConfig` (unknown keys are errors), for example:
 
     data:
@@ -115,6 +117,28 @@ def _report(config: DataConfig, result: dict[str, Any], samples: int, rank: int,
     return "\n".join(lines)
 
 
+def _data_config(path: str, overrides: Sequence[str]) -> DataConfig:
+    """The pipeline config of a training recipe (+ overrides) or of a `data:`-section file."""
+    import yaml
+
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if isinstance(data, dict) and ("sources" in data or "tokenizer" in data):
+        if overrides:
+            raise SystemExit(f"evfsam-data: {path} is a data config, not a recipe: overrides do not apply")
+        return load_data_config(path)
+    from evfsam_lightning.config import ConfigError, load
+    from evfsam_lightning.training.module import model_size
+    from evfsam_lightning.training.run import data_config, resolve_pretrained
+
+    try:
+        cfg = resolve_pretrained(load(path, overrides))
+        return data_config(cfg, model_size(cfg.model))
+    except ConfigError as e:
+        raise SystemExit(f"evfsam-data: config error: {e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `evfsam-data`."""
     parser = argparse.ArgumentParser(prog="evfsam-data", description=__doc__.split("\n\n")[0])
@@ -122,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="realized source/task shares and a sample grid",
                                   description="Print the realized share of each source and task kind over N "
                                               "training images and optionally render a grid of samples.")
-    inspect.add_argument("config", help="YAML file with a `data:` section (see the module docstring)")
+    inspect.add_argument("config", help="training recipe, or YAML file with a `data:` section (see above)")
+    inspect.add_argument("overrides", nargs="*", help="key=value overrides of a training recipe")
     inspect.add_argument("--samples", type=int, default=200, help="images to draw (default 200)")
     inspect.add_argument("--grid", help="write a PNG grid of the first images with mask overlays here")
     inspect.add_argument("--grid-images", type=int, default=16, help="images in the grid (default 16)")
@@ -131,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.samples < 1:
         parser.error("--samples must be >= 1")
-    config = load_data_config(args.config)
+    config = _data_config(args.config, args.overrides)
     result = realized_mixture(config, args.samples, rank=args.rank, world_size=args.world_size,
                               keep=args.grid_images if args.grid else 0)
     print(_report(config, result, args.samples, args.rank, args.world_size))

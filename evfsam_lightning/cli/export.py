@@ -6,7 +6,9 @@
 The exported folder (config.json, model.safetensors under the official key names, tokenizer files)
 loads in the reference inference code and in `evfsam-predict` / `evfsam-eval`. DeepSpeed and FSDP
 checkpoint directories are consolidated first; `--consolidate-only` writes that single-file
-checkpoint (loadable without the strategy) instead of exporting.
+checkpoint (loadable without the strategy) instead of exporting. A run directory (`runs/<name>`)
+exports its best checkpoint. LoRA fine-tunes are merged into plain weights: the exported folder
+is an ordinary EVF-SAM checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from evfsam_lightning.models.checkpoints import export_reference
+    from evfsam_lightning.models.lora import merge_lora
     from evfsam_lightning.training.loading import consolidate, is_sharded, load_for_inference, write_tokenizer
 
     if args.consolidate_only:
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"consolidated -> {consolidate(args.checkpoint, args.out)}")
         return 0
     model, tokenizer = load_for_inference(args.checkpoint)
+    merged = merge_lora(model)
+    if merged:
+        print(f"merged the LoRA updates of {merged} layers into their weights")
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = write_tokenizer(tokenizer.evfsam_files, Path(tmp) / "tokenizer")
         out = export_reference(model, args.out, tokenizer_dir=tok_dir, dtype=getattr(torch, _DTYPES[args.dtype]))

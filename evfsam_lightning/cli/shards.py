@@ -3,6 +3,7 @@
     evfsam-shards refer --root data/refer --dataset refcoco --out shards/refcoco
     evfsam-shards ade20k --root data/ADEChallengeData2016 --out shards/ade20k --workers 8
     evfsam-shards jsonl --ann my_data/objects.jsonl --out shards/my_data
+    evfsam-shards coco --root my_data --ann annotations.json --images images --val-fraction 0.1 --out shards/mine
     evfsam-shards synthetic --out shards/synthetic --train 4000 --val 200
 
 Each run writes `<out>/<split>/<source>-<split>-NNNNNN.tar` + `sizes.json` per split, and
@@ -49,8 +50,15 @@ def _common(p: argparse.ArgumentParser, *, root_required: bool = True) -> None:
                                    "(default: the dataset's name)")
 
 
+def _val_split(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="make a validation split: about this fraction of the images (chosen by a hash of the "
+                        "image file name, so stable when images are added) go to val/, the rest to train/")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the --val-fraction hash (default %(default)s)")
+
+
 def _coco_family(sub, fmt: str, module, default_ann: str, default_images: str, default_split: str,
-                 description: str) -> None:
+                 description: str) -> argparse.ArgumentParser:
     p = sub.add_parser(fmt, help=description, description=description)
     _common(p)
     p.add_argument("--split", nargs="+", default=[default_split],
@@ -60,6 +68,7 @@ def _coco_family(sub, fmt: str, module, default_ann: str, default_images: str, d
     p.add_argument("--images", help=f"folder the JSON's file_names are relative to; may hold {{split}} "
                                     f"(default {default_images})")
     p.set_defaults(make_plan=lambda a: module.plan(a.root, splits=a.split, ann=a.ann, images=a.images, name=a.name))
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(make_plan=lambda a: refer.plan(a.root, dataset=a.dataset, split_by=a.split_by,
                                                   splits=a.split, images=a.images, name=a.name))
 
-    _coco_family(sub, "coco", coco, coco.DEFAULT_ANN, coco.DEFAULT_IMAGES, "train2017",
-                 "any COCO instance JSON: one object per annotation, text = category name, crowd skipped")
+    p = _coco_family(sub, "coco", coco, coco.DEFAULT_ANN, coco.DEFAULT_IMAGES, "train2017",
+                     "any COCO instance JSON: one object per annotation, text = category name, crowd skipped")
+    _val_split(p)
+    p.set_defaults(make_plan=lambda a: coco.plan(a.root, splits=a.split, ann=a.ann, images=a.images, name=a.name,
+                                                 val_fraction=a.val_fraction, split_seed=a.split_seed))
     _coco_family(sub, "objects365", objects365, "annotations/{split}.json", "images/{split}", "train",
                  "Objects365 with RLE masks (COCO JSON): instance objects, text = category name")
     _coco_family(sub, "partimagenet", partimagenet, "annotations/{split}.json", "images/{split}", "train",
@@ -110,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, root_required=False)
     p.add_argument("--ann", help="the .jsonl file (or give it as --root)")
     p.add_argument("--split", nargs="+", help="splits to keep (default: every split in the file)")
+    _val_split(p)
     p.set_defaults(make_plan=_jsonl_plan)
 
     p = sub.add_parser("synthetic", help="the embedded synthetic shapes dataset (quickstart, tests)",
@@ -137,7 +150,8 @@ def _jsonl_plan(a: argparse.Namespace) -> ConversionPlan:
         ann, root = root, None
     if ann is None:
         raise ValueError("jsonl needs --ann FILE.jsonl (or --root FILE.jsonl)")
-    return jsonl.plan(ann, root=root, splits=a.split, name=a.name)
+    return jsonl.plan(ann, root=root, splits=a.split, name=a.name, val_fraction=a.val_fraction,
+                      split_seed=a.split_seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.shard_size < 1:
         parser.error("--workers and --shard-size must be >= 1")
+    if not 0 <= getattr(args, "val_fraction", 0.0) < 1:
+        parser.error("--val-fraction must be in [0, 1)")
     make_plan: Callable[[argparse.Namespace], ConversionPlan] = args.make_plan
     try:
         plan = make_plan(args)

@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     from evfsam_lightning.training.preemption import preemption_exit_code
     from evfsam_lightning.training.run import train
 
-    code = preemption_exit_code(train(cfg))
+    try:
+        code = preemption_exit_code(train(cfg))
+    except ConfigError as e:  # found once the run looks at its files (pretrained folder, shard sizes)
+        print(f"evfsam-train: config error: {e}", file=sys.stderr)
+        return 2
     return 0 if code is None else code
 
 

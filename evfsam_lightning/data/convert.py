@@ -11,6 +11,7 @@ an object without expression) is skipped and counted; with `strict=True` the fir
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import multiprocessing
 import sys
@@ -70,6 +71,17 @@ class ConversionPlan:
     items: list[WorkItem]
     splits: list[str]
     skipped: list[Skip] = field(default_factory=list)
+
+
+def hash_split(image_file: str, val_fraction: float, seed: int = 0) -> str:
+    """"val" for about `val_fraction` of the images, "train" for the others. Decided by a hash of
+    (seed, the image's file name without folders) alone: an image keeps its split when images are
+    added or removed or folders renamed, and JSONL and COCO annotations of it agree."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    name = image_file.replace("\\", "/").rsplit("/", 1)[-1]
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
 def built_or_skip(sample: Sample, skips: list[Skip]) -> Built:

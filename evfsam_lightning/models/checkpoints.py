@@ -228,11 +228,30 @@ def folder_model_config(folder: str | os.PathLike) -> EvfSamConfig:
     return model_config(_REFERENCE_SCALES[key])
 
 
+def check_reference_folder(folder: str | os.PathLike, with_tokenizer: bool = True) -> None:
+    """Raise `CheckpointError` naming every file an EVF-SAM checkpoint folder lacks (config.json,
+    weights, and with `with_tokenizer` the sentencepiece model)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder (an EVF-SAM checkpoint folder has config.json, "
+                              f"{WEIGHTS_SAFETENSORS} or {WEIGHTS_BIN}, and {TOKENIZER_FILES[0]})")
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    try:
+        _weights_file(folder)
+    except CheckpointError:
+        missing.append(f"{WEIGHTS_SAFETENSORS} (or {WEIGHTS_BIN}, or a sharded index)")
+    if with_tokenizer and not (folder / TOKENIZER_FILES[0]).is_file():
+        missing.append(f"{TOKENIZER_FILES[0]} (the tokenizer)")
+    if missing:
+        raise CheckpointError(f"{folder}: incomplete EVF-SAM checkpoint folder, missing {', '.join(missing)}")
+
+
 def load_reference_folder(folder: str | os.PathLike, device: str | torch.device = "cpu",
                           with_tokenizer: bool = True):
     """An EVF-SAM checkpoint folder (official or exported by us): `config.json`, `model.safetensors`
     or `pytorch_model.bin`, and tokenizer files. Returns (model, tokenizer or None)."""
     folder = Path(folder)
+    check_reference_folder(folder, with_tokenizer)
     cfg = folder_model_config(folder)
     weights = _weights_file(folder)
     tokenizer = None
@@ -254,6 +273,8 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    if any(k.endswith((".lora_a", ".lora_b")) for k in model.state_dict()):
+        raise CheckpointError("the model has unmerged LoRA layers: merge them first (models.lora.merge_lora)")
     state = to_reference(model, model.state_dict())
     if extra_state:
         state.update(extra_state)

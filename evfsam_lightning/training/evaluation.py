@@ -53,7 +53,7 @@ class EvalModule(L.LightningModule):
             if target.shape[0] == 0:
                 continue
             logits = self.model(single_image_batch(batch, i)).logits[0]
-            sid = self.sources[batch["sources"][i]]
+            sid = dataloader_idx  # one loader per split, in order (the samples' own source names may differ)
             self.metric.update(logits, target, torch.full((target.shape[0],), sid, dtype=torch.long))
 
     def on_test_epoch_end(self) -> None:

@@ -1,15 +1,17 @@
 """Load any checkpoint for inference, evaluation and export, and consolidate sharded ones.
 
 Accepted: an EVF-SAM folder in the official layout (released or exported), a training checkpoint
-written by `evfsam-train` (`.ckpt`, self-contained: config and tokenizer files travel inside), and
+written by `evfsam-train` (`.ckpt`, self-contained: config and tokenizer files travel inside),
 DeepSpeed / FSDP2 checkpoint directories after `consolidate` (or directly: they are consolidated
-into a temporary file first).
+into a temporary file first), and a run directory (its best checkpoint by validation cIoU).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -83,8 +85,13 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> Path:
 def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model, tokenizer, run config) from an `evfsam-train` checkpoint file."""
     from evfsam_lightning.data.tokenizer import load_tokenizer
-    from evfsam_lightning.models.builders import build_model, model_config
-    from evfsam_lightning.training.module import build_configured_model, config_from_dict
+    from evfsam_lightning.models.builders import build_model
+    from evfsam_lightning.training.module import (
+        add_configured_lora,
+        build_configured_model,
+        config_from_dict,
+        model_size,
+    )
 
     path = Path(path)
     try:
@@ -104,8 +111,7 @@ def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device
             raise ck.CheckpointError(f"{path} lacks weights it did not declare left out: {', '.join(missing[:10])}")
         ck.load_into(model, state, source=str(path), allow_missing=tuple(ck.SUBSETS))
     else:
-        size = model_config(dict(cfg.model.dims)) if cfg.model.size == "custom" else model_config(cfg.model.size)
-        model = build_model(size)
+        model = add_configured_lora(build_model(model_size(cfg.model)), cfg)
         ck.load_into(model, state, source=str(path))
     if TOKENIZER_KEY not in ckpt:
         raise ck.CheckpointError(f"{path} carries no tokenizer files")
@@ -118,11 +124,34 @@ def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device
     return model.to(device).eval(), tokenizer, cfg
 
 
+def best_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The checkpoint of a run directory to use: the complete one with the best validation cIoU
+    (`best-...-ciouX.ckpt`), else the newest complete one."""
+    from evfsam_lightning.training.callbacks import find_resume_checkpoint, is_complete
+
+    folder = Path(run_dir) / "checkpoints"
+    scored = []
+    for ckpt in folder.glob("best-*"):
+        match = re.search(r"ciou([0-9.]+?)(\.ckpt)?$", ckpt.name)
+        if match and is_complete(ckpt):
+            scored.append((float(match.group(1)), ckpt.name, ckpt))
+    if scored:
+        return max(scored)[2]
+    newest = find_resume_checkpoint(folder)
+    if newest is None:
+        raise FileNotFoundError(f"run directory {run_dir}: no complete checkpoint in {folder}")
+    return newest
+
+
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from any accepted checkpoint (see the module docstring)."""
+    """(model, tokenizer) from any accepted checkpoint (see the module docstring), or from a run
+    directory (`runs/<name>`: its best checkpoint, see `best_checkpoint`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        path = best_checkpoint(path)
+        print(f"run directory: using {path}", file=sys.stderr)
     if path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = ck.load_reference_folder(path, device=device)
         tokenizer.evfsam_files = tokenizer_files(path)

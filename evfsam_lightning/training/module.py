@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from evfsam_lightning.config import RunConfig
+from evfsam_lightning.config import ModelConfig, RunConfig
 from evfsam_lightning.models import checkpoints as ck
 from evfsam_lightning.models.builders import build_model, model_config
+from evfsam_lightning.models.lora import add_lora
 from evfsam_lightning.training.loading import TOKENIZER_KEY, tokenizer_files
 from evfsam_lightning.training.losses import mask_loss
 from evfsam_lightning.training.metrics import ReferringIoU
@@ -32,12 +33,26 @@ def config_from_dict(d: dict) -> RunConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), d))
 
 
+def model_size(m: ModelConfig):
+    """The `EvfSamConfig` of a run's model section (`auto`: the pretrained folder's config.json)."""
+    if m.size == "auto":
+        return ck.folder_model_config(m.pretrained)
+    return model_config(dict(m.dims)) if m.size == "custom" else model_config(m.size)
+
+
+def add_configured_lora(model, cfg: RunConfig):
+    """LoRA layers as the run config asks (none when model.lora.rank is 0)."""
+    lora = cfg.model.lora
+    if lora.rank:
+        add_lora(model, lora.rank, lora.alpha, lora.targets)
+    return model
+
+
 def build_configured_model(cfg: RunConfig, device: str | torch.device | None = None):
     """The model of a run config with its pretrained weights loaded (pretrained folder, then SAM and
-    BEiT-3 checkpoints, each reporting its keys)."""
+    BEiT-3 checkpoints, each reporting its keys), and its LoRA layers if any."""
     m = cfg.model
-    size = model_config(dict(m.dims)) if m.size == "custom" else model_config(m.size)
-    model = build_model(size, device=device, gradient_checkpointing=m.activation_checkpointing)
+    model = build_model(model_size(m), device=device, gradient_checkpointing=m.activation_checkpointing)
     if m.pretrained:
         folder = Path(m.pretrained)
         ck.load_reference_weights(model, ck._weights_file(folder))
@@ -49,7 +64,7 @@ def build_configured_model(cfg: RunConfig, device: str | torch.device | None = N
     if m.activation_checkpointing and m.mode == "full" and hasattr(model.visual_model.vision_encoder,
                                                                     "gradient_checkpointing_enable"):
         model.visual_model.vision_encoder.gradient_checkpointing_enable({"use_reentrant": False})
-    return model
+    return add_configured_lora(model, cfg)
 
 
 class EvfSamModule(L.LightningModule):
@@ -62,7 +77,7 @@ class EvfSamModule(L.LightningModule):
         self.model = build_configured_model(self.cfg)
         m = self.cfg.model
         self.family = self.model.config.family
-        split = apply_trainable(self.model, self.family, m.mode, m.freeze, m.unfreeze)
+        split = apply_trainable(self.model, self.family, m.mode, m.freeze, m.unfreeze, lora=m.lora.rank > 0)
         self.frozen_names = set(split["frozen"])
         sources = list(val_sources if val_sources is not None else [s.name for s in self.cfg.data.val])
         self.source_ids = {name: i for i, name in enumerate(sources + [OTHER_SOURCE])}
@@ -176,13 +191,13 @@ class EvfSamModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- validation ----------------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         out = self.model(batch, image_features=self.model.encode_images(batch["sam_pixel_values"]))
         losses = mask_loss(out.logits, batch["masks"], self.cfg.optim.bce_weight, self.cfg.optim.dice_weight)
         self.log("val/loss", losses["loss"], batch_size=len(batch["masks"]), sync_dist=True)
-        for i, (logits, target) in enumerate(zip(out.logits, batch["masks"], strict=True)):
-            sid = self.source_ids.get(batch["sources"][i], self.source_ids[OTHER_SOURCE])
-            self.val_iou.update(logits, target, torch.full((logits.shape[0],), sid, dtype=torch.long))
+        # One loader per validation source, in order (the samples' own source names may differ).
+        for logits, target in zip(out.logits, batch["masks"], strict=True):
+            self.val_iou.update(logits, target, torch.full((logits.shape[0],), dataloader_idx, dtype=torch.long))
         if len(self._val_images) < self.cfg.logging.val_images:
             self._collect_images(batch, out.logits)
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import tarfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from evfsam_lightning.config import ConfigError, RunConfig, to_yaml
@@ -99,6 +101,62 @@ def data_config(cfg: RunConfig, model_cfg):
     )
 
 
+def resolve_pretrained(cfg: RunConfig) -> RunConfig:
+    """Check that `model.pretrained` holds what the run needs (naming any missing file) and turn
+    `model.size=auto` into that folder's dimensions, so that checkpoints load without the folder."""
+    from evfsam_lightning.models import checkpoints as ck
+
+    m = cfg.model
+    if not m.pretrained:
+        return cfg
+    try:
+        ck.check_reference_folder(m.pretrained, with_tokenizer=not m.tokenizer)
+    except ck.CheckpointError as e:
+        raise ConfigError(f"model.pretrained: {e}") from None
+    if m.size != "auto":
+        return cfg
+    dims = ck.folder_model_config(m.pretrained).to_dict()
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, size="custom", dims=dims))
+
+
+def resolve_epochs(cfg: RunConfig, data) -> RunConfig:
+    """`trainer.max_epochs` / `val_every_n_epochs` -> steps, from the training images per epoch
+    (`data.samples_per_epoch`, else the shards' sizes.json), so one recipe fits any dataset size."""
+    from evfsam_lightning.data.stream import expand_urls, shard_sizes
+
+    t = cfg.trainer
+    if not (t.max_epochs or t.val_every_n_epochs):
+        return cfg
+    images = data.samples_per_epoch
+    if images is None:
+        sizes = [shard_sizes(expand_urls(src.urls), src.sizes) for src in data.sources]
+        if any(s is None for s in sizes):
+            raise ConfigError("trainer.max_epochs / val_every_n_epochs need the training images per epoch: give "
+                              "every training source a sizes.json or set data.samples_per_epoch")
+        images = sum(sum(s) for s in sizes)
+    steps_per_epoch = images / t.global_batch_size
+    new = {}
+    if t.max_epochs:
+        new["max_steps"] = max(1, math.ceil(t.max_epochs * steps_per_epoch))
+    if t.val_every_n_epochs:
+        new["val_every_n_steps"] = max(1, round(t.val_every_n_epochs * steps_per_epoch))
+    print(f"{images} training images per epoch, {steps_per_epoch:.1f} steps of {t.global_batch_size}: "
+          + ", ".join(f"trainer.{k}={v}" for k, v in new.items()))
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(t, **new))
+
+
+def resolve_precision(cfg: RunConfig) -> RunConfig:
+    """`trainer.precision=auto`: bf16-mixed where a GPU supports it, else 32 (bf16 autocast is slower
+    than fp32 on CPUs)."""
+    import torch
+
+    t = cfg.trainer
+    if t.precision != "auto":
+        return cfg
+    gpu = t.accelerator != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(t, precision="bf16-mixed" if gpu else "32"))
+
+
 def resume_path(cfg: RunConfig) -> str | None:
     r = cfg.checkpoint.resume
     if r == "false":
@@ -130,6 +188,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         callbacks.append(CompleteCheckpoint(
             dirpath=ckpt_dir, filename="best-step{step:08d}-ciou{val/ciou:.4f}", auto_insert_metric_name=False,
             monitor="val/ciou", mode="max", save_top_k=cfg.checkpoint.keep_top_k, save_last=False))
+    if cfg.checkpoint.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor="val/ciou", mode="max", patience=cfg.checkpoint.early_stopping_patience,
+                                       check_on_train_epoch_end=False))
     logger = TensorBoardLogger(save_dir=str(cfg.run_dir), name="tensorboard", version="") if cfg.logging.tensorboard \
         else False
     val_every = t.val_every_n_steps * accumulate if t.val_every_n_steps else None
@@ -147,13 +208,13 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
 def train(cfg: RunConfig) -> L.Trainer:
     """Run (or resume) training; returns the trainer after fit."""
     from evfsam_lightning.data.datamodule import EvfDataModule
-    from evfsam_lightning.models.builders import model_config
-    from evfsam_lightning.training.module import EvfSamModule
+    from evfsam_lightning.training.module import EvfSamModule, model_size
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cfg = resolve_precision(resolve_pretrained(cfg))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    size = model_config(dict(cfg.model.dims)) if cfg.model.size == "custom" else model_config(cfg.model.size)
-    datamodule = EvfDataModule(data_config(cfg, size))
+    datamodule = EvfDataModule(data_config(cfg, model_size(cfg.model)))
+    cfg = resolve_epochs(cfg, datamodule.config)
     config_dict = _as_dict(cfg)
     module = EvfSamModule(config_dict, val_sources=[s.name for s in datamodule.config.val_sources],
                           tokenizer_dir=datamodule.config.tokenizer)
@@ -176,13 +237,16 @@ def _print_summary(cfg: RunConfig, trainer: L.Trainer) -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     last = find_resume_checkpoint(cfg.run_dir / "checkpoints")
     print(f"finished at step {trainer.global_step}")
+    if trainer.global_step < cfg.trainer.max_steps and cfg.checkpoint.early_stopping_patience:
+        print(f"  stopped early: val/ciou did not improve for {cfg.checkpoint.early_stopping_patience} validations")
     for key in ("val/giou", "val/ciou"):
         if key in metrics:
             print(f"  {key}: {metrics[key]:.4f}")
     if last is not None:
         print(f"  last checkpoint: {last}")
-        print(f"  evaluate: evfsam-eval --checkpoint {last} --data <shards>")
-        print(f"  export:   evfsam-export --checkpoint {last} --out exported/{cfg.name}")
+        # A run directory stands for its best checkpoint (the last one when nothing was validated).
+        print(f"  evaluate: evfsam-eval --checkpoint {cfg.run_dir} --data <shards>")
+        print(f"  export:   evfsam-export --checkpoint {cfg.run_dir} --out exported/{cfg.name}")
 
 
 def _as_dict(cfg: RunConfig) -> dict:

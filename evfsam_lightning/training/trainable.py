@@ -12,6 +12,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from evfsam_lightning.models.lora import is_lora_parameter
+
+BEIT3 = "mm_extractor."
+
 #: Never used by the text-prompted loss (point/box/mask prompts, masked-image-modelling token,
 #: SAM's constant Fourier matrix, and the IoU head, whose prediction the mask loss does not read:
 #: in the reference it receives no gradient either).
@@ -40,10 +44,11 @@ def unused_prefixes(family: str) -> tuple[str, ...]:
 
 
 def apply_trainable(model: nn.Module, family: str, mode: str, freeze: Sequence[str] = (),
-                    unfreeze: Sequence[str] = ()) -> dict[str, list[str]]:
+                    unfreeze: Sequence[str] = (), lora: bool = False) -> dict[str, list[str]]:
     """Set requires_grad on every parameter; returns {"trainable": [...], "frozen": [...]}.
 
-    Order: the mode's set, minus `freeze`, plus `unfreeze`; the unused parameters are always frozen.
+    Order: the mode's set (with `lora`, BEiT-3 trains through its LoRA tensors only), minus
+    `freeze`, plus `unfreeze`; the unused parameters are always frozen.
     A prefix in freeze/unfreeze that matches no parameter is an error (a typo would silently train
     or freeze the wrong thing)."""
     if (family, mode) not in MODES:
@@ -61,6 +66,8 @@ def apply_trainable(model: nn.Module, family: str, mode: str, freeze: Sequence[s
     trainable, frozen = [], []
     for name, param in model.named_parameters():
         on = name.startswith(MODES[(family, mode)])
+        if lora and name.startswith(BEIT3):
+            on = on and is_lora_parameter(name)
         on = (on and not name.startswith(tuple(freeze))) or name.startswith(tuple(unfreeze))
         on = on and not name.startswith(unused)
         param.requires_grad_(on)

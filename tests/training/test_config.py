@@ -24,6 +24,9 @@ def test_every_recipe_loads_and_builds_its_model_on_meta(recipe: Path):
     cfg = load(recipe)
     text = recipe.read_text()
     assert text.startswith("#") and "evfsam-" in text.split("\n\n")[0], "recipes start with how to launch them"
+    if cfg.model.size == "auto":  # the size of the pretrained folder, which the repository does not ship
+        assert cfg.model.pretrained
+        return
     size = model_config(dict(cfg.model.dims)) if cfg.model.size == "custom" else model_config(cfg.model.size)
     model = build_model(size, device="meta")
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -52,6 +55,10 @@ def test_multitask_recipe_is_the_reference_setting():
     (["checkpoint.save_frozen=false", "model.mode=full"], "no frozen weights"),
     (["trainer.precision=64"], "trainer.precision"),
     (["checkpoint.resume=/nonexistent/x.ckpt"], "no such checkpoint"),
+    (["model.size=auto"], "model.size=auto takes the size from model.pretrained"),
+    (["model.lora.rank=-1"], "model.lora.rank"),
+    (["checkpoint.early_stopping_patience=-2"], "early_stopping_patience"),
+    (["trainer.max_epochs=-1"], "trainer.max_epochs"),
 ])
 def test_bad_configs_fail_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=None) as err:
@@ -77,3 +84,27 @@ def test_cli_reports_config_errors_before_work(capsys):
 
     assert main([str(REPO / "recipes" / "quickstart.yaml"), "trainer.bogus=1"]) == 2
     assert "trainer.bogus" in capsys.readouterr().err
+
+
+def test_pretrained_folder_gives_the_size_and_names_a_missing_file(tmp_path, tiny_tokenizer_dir):
+    from evfsam_lightning.models.checkpoints import export_reference
+    from evfsam_lightning.training.run import resolve_pretrained
+
+    folder = export_reference(build_model("tiny"), tmp_path / "release", tokenizer_dir=tiny_tokenizer_dir)
+    cfg = resolve_pretrained(load(REPO / "recipes" / "finetune_custom.yaml", [f"model.pretrained={folder}"]))
+    assert model_config(dict(cfg.model.dims)) == model_config("tiny")
+    (folder / "sentencepiece.bpe.model").unlink()
+    with pytest.raises(ConfigError, match="missing sentencepiece.bpe.model"):
+        resolve_pretrained(load(REPO / "recipes" / "finetune_custom.yaml", [f"model.pretrained={folder}"]))
+
+
+def test_epochs_become_steps_from_the_shard_sizes(tmp_path):
+    from evfsam_lightning.data.datamodule import DataConfig, SourceConfig
+    from evfsam_lightning.training.run import resolve_epochs
+
+    (tmp_path / "sizes.json").write_text('{"shards": {"a-000000.tar": 70, "a-000001.tar": 30}}')
+    for name in ("a-000000.tar", "a-000001.tar"):
+        (tmp_path / name).write_bytes(b"")
+    cfg = load(REPO / "recipes" / "finetune_custom.yaml")
+    cfg = resolve_epochs(cfg, DataConfig(sources=[SourceConfig("a", [str(tmp_path / "a-{000000..000001}.tar")])]))
+    assert (cfg.trainer.max_steps, cfg.trainer.val_every_n_steps) == (125, 6)  # 100 images / 16 x 20, x 1

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..convert import Built, ConversionPlan, Skip, WorkItem, built_or_skip
+from ..convert import Built, ConversionPlan, Skip, WorkItem, built_or_skip, hash_split
 from ..schema import Sample, SampleObject, make_key
 from .common import (
     check_image_size,
@@ -131,20 +131,29 @@ def _plan_split(ann_file: Path, images_dir: Path, split: str, source: str, rules
 
 
 def plan_coco_json(ann_files: dict[str, Path], images_dirs: dict[str, Path], *, source: str,
-                   rules: CocoRules = COCO_RULES) -> ConversionPlan:
-    """A plan over COCO JSON files, one per output split (`{split: json}`, `{split: image folder}`)."""
+                   rules: CocoRules = COCO_RULES, val_fraction: float = 0.0, split_seed: int = 0) -> ConversionPlan:
+    """A plan over COCO JSON files, one per output split (`{split: json}`, `{split: image folder}`).
+    With `val_fraction`, the one file is split into `train` and `val` by a hash of each image's
+    `file_name` (`convert.hash_split`: stable when images are added)."""
     items: list[WorkItem] = []
     skipped: list[Skip] = []
     for split in sorted(ann_files):
         _plan_split(Path(ann_files[split]), Path(images_dirs[split]), split, source, rules, items, skipped)
+    splits = sorted(ann_files)
+    if val_fraction:
+        if len(ann_files) != 1:
+            raise ValueError(f"--val-fraction splits one annotation file, but {len(ann_files)} splits were given")
+        items = [replace(it, split=s, key=make_key(source, s, it.data["image_id"]))
+                 for it in items for s in [hash_split(str(it.data["file_name"]), val_fraction, split_seed)]]
+        splits = ["train", "val"]
     return ConversionPlan(format=rules.format, source=source, task=rules.task, build=build, items=items,
-                          splits=sorted(ann_files), skipped=skipped)
+                          splits=splits, skipped=skipped)
 
 
 def plan(root: str | Path | None, *, splits: list[str] | None = None, ann: str | None = None,
          images: str | None = None, name: str | None = None, rules: CocoRules = COCO_RULES,
          default_splits: tuple[str, ...] = ("train2017",), default_ann: str = DEFAULT_ANN,
-         default_images: str = DEFAULT_IMAGES) -> ConversionPlan:
+         default_images: str = DEFAULT_IMAGES, val_fraction: float = 0.0, split_seed: int = 0) -> ConversionPlan:
     """Plan a COCO-format dataset. `ann` and `images` are paths (absolute or relative to `root`)
     that may hold `{split}`; by default `<root>/annotations/instances_{split}.json` and
     `<root>/{split}/`. `name` is the source name (default: the format)."""
@@ -153,7 +162,8 @@ def plan(root: str | Path | None, *, splits: list[str] | None = None, ann: str |
         raise ValueError(f"--ann {ann} names one file but {len(splits)} splits were asked: put {{split}} in it")
     ann_files = {s: resolve_template(ann or default_ann, root, s) for s in splits}
     images_dirs = {s: resolve_template(images or default_images, root, s) for s in splits}
-    return plan_coco_json(ann_files, images_dirs, source=name or rules.format, rules=rules)
+    return plan_coco_json(ann_files, images_dirs, source=name or rules.format, rules=rules,
+                          val_fraction=val_fraction, split_seed=split_seed)
 
 
 def build(item: WorkItem) -> Built:

@@ -8,7 +8,8 @@ One line per object (blank lines are ignored):
           | {"polygon": [[x1, y1, x2, y2, ...], ...]}   # COCO polygons in pixels (one flat list is
                                                          # one polygon)
           | {"rle": {"size": [h, w], "counts": "..."}}, # COCO RLE, compressed string or list
-     "split": "train",                             # optional, default "train"
+     "split": "train",                             # optional, default "train" (or, with
+                                                   # val_fraction, train/val by a hash of "image")
      "category": "dog",                            # optional, stored as the object's category
      "id": "dog-1"}                                # optional object id, default "line N"
 
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..convert import Built, ConversionPlan, Skip, WorkItem, built_or_skip
+from ..convert import Built, ConversionPlan, Skip, WorkItem, built_or_skip, hash_split
 from ..schema import Sample, SampleObject, make_key
 from .common import decode_coco_segmentation, read_image
 
@@ -43,9 +44,10 @@ def _resolve(base: Path, path: str) -> Path:
 
 
 def plan(ann: str | Path, *, root: str | Path | None = None, splits: list[str] | None = None,
-         name: str | None = None) -> ConversionPlan:
+         name: str | None = None, val_fraction: float = 0.0, split_seed: int = 0) -> ConversionPlan:
     """Plan a JSONL file. `splits` keeps only those splits (default: every split in the file);
-    `name` is the source name (default: the file's stem)."""
+    `name` is the source name (default: the file's stem). With `val_fraction`, images whose lines
+    have no `split` go to `val` or `train` by a hash of their path (`convert.hash_split`)."""
     ann = Path(ann)
     if not ann.is_file():
         raise FileNotFoundError(f"{ann}: JSONL file not found")
@@ -66,12 +68,16 @@ def plan(ann: str | Path, *, root: str | Path | None = None, splits: list[str] |
             if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or "mask" not in rec:
                 skipped.append(Skip("bad_annotation", f"line {n}", f"{where}: needs \"image\" (a path) and \"mask\""))
                 continue
-            split = str(rec.get("split", DEFAULT_SPLIT))
+            if "split" in rec:
+                split = str(rec["split"])
+            else:
+                split = hash_split(rec["image"], val_fraction, split_seed) if val_fraction else DEFAULT_SPLIT
             if splits and split not in splits:
                 continue
             groups[(split, rec["image"])].append({"line": n, "rec": rec})
     found = sorted({split for split, _ in groups})
-    wanted = list(splits) if splits else (found or [DEFAULT_SPLIT])
+    wanted = list(splits) if splits else sorted(set(found) | ({"train", "val"} if val_fraction else set())) \
+        or [DEFAULT_SPLIT]
     items = []
     for (split, image), lines in sorted(groups.items()):
         # Stem for readability, a hash of the path as written so that a/x.jpg and b/x.jpg differ.
