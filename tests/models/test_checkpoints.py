@@ -56,7 +56,7 @@ def test_folder_with_pytorch_model_bin_loads(tmp_path, tiny_tokenizer_dir):
 def test_missing_tokenizer_is_named(tmp_path):
     model = build_model("tiny")
     out = ck.export_reference(model, tmp_path / "export")
-    with pytest.raises(FileNotFoundError, match="sentencepiece.bpe.model"):
+    with pytest.raises(ck.CheckpointError, match="missing sentencepiece.bpe.model"):
         ck.load_reference_folder(out)
 
 
