@@ -174,3 +174,15 @@ class EmbeddingCache:
                 self._files.pop(next(iter(self._files)))
             handle = self._files[path] = safe_open(str(path), framework="pt")
         return {name: handle.get_tensor(f"{key}/{name}") for name in self.feature_names}
+
+
+def check_model(model: torch.nn.Module, root: str | Path) -> None:
+    """Refuse a cache for an EVF-SAM model that trains any tensor `encode_image` reads, or whose
+    encoder weights or preprocessing differ from the cache's (the message names what differs)."""
+    vm = model.visual_model
+    trained = [n for n, p in vm.named_parameters() if p.requires_grad and n.startswith(vm.image_feature_prefixes)]
+    if trained:
+        raise EmbeddingCacheError(f"embedding cache {root}: visual_model.{trained[0]} trains ({len(trained)} "
+                                  "such tensors), so cached image features would be stale")
+    check_manifest(read_manifest(root), preprocessing=preprocessing_fingerprint(vm.family, vm.image_size),
+                   encoder=encoder_fingerprint(vm), root=root)

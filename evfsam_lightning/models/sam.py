@@ -33,6 +33,8 @@ class SamBackbone(nn.Module):
     image_encoder_names: tuple[str, ...] = ()
     #: state-dict prefixes of every tensor that `encode_image` reads (what an embedding cache depends on)
     image_feature_prefixes: tuple[str, ...] = ()
+    #: the keys of the dict that `encode_image` returns
+    image_feature_names: tuple[str, ...] = ()
 
     def image_feature_state(self) -> dict[str, torch.Tensor]:
         """The parameters and buffers that `encode_image` reads, by state-dict name."""
@@ -151,6 +153,7 @@ class Sam1Backbone(SamBackbone):
     family = "sam"
     image_encoder_names = ("vision_encoder",)
     image_feature_prefixes = ("vision_encoder.",)
+    image_feature_names = ("image_embeddings",)
 
     # (reference pattern, ours) in the order they apply; inverse rules are derived below.
     _RENAMES = [

@@ -239,6 +239,7 @@ class Sam2Backbone(SamBackbone):
     image_encoder_names = ("vision_encoder",)
     image_feature_prefixes = ("vision_encoder.", "no_memory_embedding", "mask_decoder.conv_s0.",
                               "mask_decoder.conv_s1.")
+    image_feature_names = ("image_embeddings", "high_res_feat_s0", "high_res_feat_s1")
 
     def __init__(self, config: Sam2Config):
         super().__init__()

@@ -78,6 +78,12 @@ class EvfSamModule(L.LightningModule):
         self.tokenizer_files = tokenizer_files(tokenizer_dir) if tokenizer_dir else None
         self.train()  # puts the fully frozen modules in eval mode from the start
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.cfg.data.embedding_cache:
+            from evfsam_lightning.data.embedding_cache import check_model
+
+            check_model(self.model, self.cfg.data.embedding_cache)  # before any sharding
+
     def configure_model(self) -> None:
         if self.cfg.strategy.name == "fsdp" and not getattr(self, "_sharded", False):
             from evfsam_lightning.training.strategies import shard_model
