@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -132,9 +133,10 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--repeats", type=int, default=3, help="A/B rounds (stream, files, stream, files, ...)")
-    p.add_argument("--finish", choices=("cpu", "none"), default="cpu",
-                   help="cpu: count the stream's uint8 -> float finish in the consuming process (what a "
-                        "CPU-only run pays); none: leave it to the accelerator, as in GPU training")
+    p.add_argument("--finish", choices=("cpu", "cuda", "none"), default="cpu",
+                   help="where the stream's uint8 -> float finish runs, counted in its time: cpu (in the "
+                        "consuming process, what a CPU-only run pays), cuda (after moving the batch to the "
+                        "GPU, as in GPU training), none (not run)")
     p.add_argument("--work", type=Path)
     args = p.parse_args()
     if args.batches + 1 > args.images // args.batch_size:
@@ -156,12 +158,26 @@ def main() -> None:
 
         def finish(batch, dm=dm):
             batch = dm.on_before_batch_transfer(batch, 0)
-            return dm.on_after_batch_transfer(batch, 0) if args.finish == "cpu" else batch
+            if args.finish == "none":
+                return batch
+            if args.finish == "cuda":
+                batch = move_data_to_device(batch, "cuda")
+            batch = dm.on_after_batch_transfer(batch, 0)
+            if args.finish == "cuda":
+                torch.cuda.synchronize()
+            return batch
 
         stream_s, stream_n = timed(dm.train_dataloader(), args.batches, finish)
         files = DataLoader(FolderDataset(root / "files", dm.prep), batch_size=args.batch_size, shuffle=True,
                            num_workers=args.workers, collate_fn=partial(naive_collate, prep=dm.prep))
-        files_s, files_n = timed(files, args.batches)
+        def to_device(batch):  # the naive reader's (float) batches travel to the GPU too
+            if args.finish != "cuda":
+                return batch
+            batch = move_data_to_device(batch, "cuda")
+            torch.cuda.synchronize()
+            return batch
+
+        files_s, files_n = timed(files, args.batches, to_device)
         for name, s, n in (("stream", stream_s, stream_n), ("files", files_s, files_n)):
             rates[name].append(n / s)
             print(f"round {r + 1} {name:<7} {n / s:7.1f} images/s  {n / s / workers:7.1f} per worker  "
