@@ -83,6 +83,8 @@ class DataConfig:
     val_batch_size: int = doc(4, "images per validation batch per rank")
     shuffle_buffer: int = doc(256, "raw samples held per source and worker for shuffling")
     shuffle_shards: int = doc(1, "consecutive shards shuffled together")
+    embedding_cache: str | None = doc(None, "folder of precomputed SAM image features (evfsam-cache-embeddings): "
+                                            "training skips the image encoder; needs model.mode=frozen_image_encoder")
 
 
 @dataclass
@@ -226,6 +228,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not cfg.checkpoint.save_frozen and cfg.model.mode == "full" and not cfg.model.freeze:
         raise ConfigError("checkpoint.save_frozen=false with model.mode=full: there are no frozen weights to "
                           "leave out")
+    if cfg.data.embedding_cache:
+        if cfg.model.mode != "frozen_image_encoder":
+            raise ConfigError(f"data.embedding_cache needs a frozen SAM image encoder: model.mode="
+                              f"{cfg.model.mode!r} trains it, so cached features would be stale "
+                              "(use model.mode=frozen_image_encoder, or drop data.embedding_cache)")
+        encoder = "visual_model.vision_encoder."
+        for prefix in cfg.model.unfreeze:
+            if encoder.startswith(prefix) or prefix.startswith(encoder):
+                raise ConfigError(f"data.embedding_cache needs a frozen SAM image encoder: model.unfreeze "
+                                  f"entry {prefix!r} trains it")
     if cfg.checkpoint.resume not in ("auto", "false") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint")
     return cfg

@@ -1,16 +1,20 @@
-"""Data loading throughput: the shard stream versus a plain per-file reader, at equal workers.
+"""Data loading throughput: our pipeline versus a plain per-file reader, at equal workers.
 
     PYTHONPATH=. python tools/bench_data.py [--images 96] [--workers 2] [--batch-size 2]
-                                            [--image-size 1024] [--batches 40] [--work DIR]
+                                            [--image-size 1024] [--batches 40] [--repeats 3] [--work DIR]
 
 Writes synthetic COCO-like samples once (640x480 JPEG, 1-4 mask PNGs and a JSON record each),
-both as a folder of files and as WebDataset shards, then times
-  stream: `EvfDataModule`'s training loader (tar reading, shuffle of bytes, decode, exact
-          preprocessing at `--image-size`, tokenisation, collation), and
-  files:  a map-style Dataset that opens each image and mask PNG from the folder with PIL, picks
-          objects the same way and runs the same preprocessing and collation, in a plain DataLoader.
-Both count images per second after their first batch (worker start-up excluded). The tokenizer
-is a tiny test tokenizer (no download); tokenising costs little next to 1024 px preprocessing.
+both as a folder of files and as WebDataset shards, then times, alternating A/B `--repeats` times,
+  stream: `EvfDataModule`'s training loader (tar reading, shuffle of bytes, decode, uint8 SAM
+          resize, BEiT-3 preprocessing, tokenisation, collation) followed, in the consuming
+          process, by `on_after_batch_transfer` (the float conversion and normalisation that run
+          on the GPU in training; here on the CPU, so its cost is counted), and
+  files:  a naive reader: a map-style Dataset that opens each image and mask PNG from the folder
+          with PIL, picks objects the same way and runs the whole exact float preprocessing
+          (`transforms.sam_preprocess` / `sam2_preprocess`, `beit3_preprocess`) in its workers,
+          collated by stacking the float tensors, in a plain DataLoader.
+Both produce bit-identical model inputs and count images per second after their first batch
+(worker start-up excluded). The tokenizer is a tiny test tokenizer (no download).
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ import json
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from evfsam_lightning.data.batching import Preprocessing, collate, make_example, pick_objects
+from evfsam_lightning.data import transforms
+from evfsam_lightning.data.batching import Preprocessing, collate, pick_objects
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
 from evfsam_lightning.data.mixing import sample_rng
 from evfsam_lightning.data.schema import Sample, SampleObject, encode_sample
@@ -90,15 +98,30 @@ class FolderDataset(Dataset):
                 objects.append(SampleObject(o["expressions"], np.asarray(m)))
         sample = Sample(key=key, source=rec["source"], task=rec["task"], image_bytes=b"", image_ext="jpg",
                         objects=objects, height=image.shape[0], width=image.shape[1])
-        return make_example(sample, image, pick_objects(sample, sample_rng(0, 0, i, 0), self.k), self.prep)
+        picks = pick_objects(sample, sample_rng(0, 0, i, 0), self.k)
+        preprocess = transforms.sam_preprocess if self.prep.sam_variant == "sam" else transforms.sam2_preprocess
+        sam, resize_hw = preprocess(image, self.prep.sam_image_size)
+        return {"sam": sam, "image_features": None, "resize_hw": resize_hw,
+                "beit": transforms.beit3_preprocess(image, self.prep.beit_image_size),
+                "original_hw": image.shape[:2], "masks": torch.from_numpy(np.stack([objects[j].mask for j, _ in picks])),
+                "expressions": [objects[j].expressions[e] for j, e in picks], "key": key, "source": sample.source,
+                "task": sample.task}
 
 
-def timed(loader, batches: int) -> tuple[float, int]:
+def naive_collate(examples: list[dict], prep: Preprocessing) -> dict:
+    """`collate` of examples whose SAM image is already the float model input (stacked as such)."""
+    batch = collate(examples, prep)
+    batch["sam_pixel_values"] = batch.pop("sam_pixels_uint8")
+    return batch
+
+
+def timed(loader, batches: int, finish=None) -> tuple[float, int]:
+    finish = finish or (lambda batch: batch)
     it = iter(loader)
-    next(it)  # start-up and the first batch are not counted
+    finish(next(it))  # start-up and the first batch are not counted
     start, images = time.perf_counter(), 0
     for _ in range(batches):
-        images += len(next(it)["keys"])
+        images += len(finish(next(it))["keys"])
     return time.perf_counter() - start, images
 
 
@@ -109,6 +132,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--image-size", type=int, default=1024)
     p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3, help="A/B rounds (stream, files, stream, files, ...)")
+    p.add_argument("--finish", choices=("cpu", "cuda", "none"), default="cpu",
+                   help="where the stream's uint8 -> float finish runs, counted in its time: cpu (in the "
+                        "consuming process, what a CPU-only run pays), cuda (after moving the batch to the "
+                        "GPU, as in GPU training), none (not run)")
     p.add_argument("--work", type=Path)
     args = p.parse_args()
     if args.batches + 1 > args.images // args.batch_size:
@@ -121,16 +149,45 @@ def main() -> None:
     cfg = DataConfig(sources=[SourceConfig("synthetic", str(root / "shards"))], tokenizer=tokenizer,
                      batch_size=args.batch_size, num_workers=args.workers, sam_image_size=args.image_size,
                      samples_per_epoch=10 ** 6, shuffle_buffer=64)
-    stream_s, stream_n = timed(EvfDataModule(cfg).train_dataloader(), args.batches)
-    dm = EvfDataModule(cfg)
-    files = DataLoader(FolderDataset(root / "files", dm.prep), batch_size=args.batch_size, shuffle=True,
-                       num_workers=args.workers, collate_fn=lambda ex: collate(ex, dm.prep))
-    files_s, files_n = timed(files, args.batches)
     workers = max(1, args.workers)
     print(f"machine: {os.cpu_count()} CPUs; {args.workers} workers; batch {args.batch_size}; "
-          f"SAM {args.image_size} px; 640x480 JPEG sources")
-    for name, s, n in (("stream (shards)", stream_s, stream_n), ("files (PIL per file)", files_s, files_n)):
-        print(f"{name:<22} {n / s:7.1f} images/s  {n / s / workers:7.1f} per worker  ({n} images in {s:.1f} s)")
+          f"SAM {args.image_size} px; 640x480 JPEG sources; stream finish: {args.finish}")
+    rates: dict[str, list[float]] = {"stream": [], "files": []}
+    for r in range(args.repeats):
+        dm = EvfDataModule(cfg)
+
+        def finish(batch, dm=dm):
+            batch = dm.on_before_batch_transfer(batch, 0)
+            if args.finish == "none":
+                return batch
+            if args.finish == "cuda":
+                batch = move_data_to_device(batch, "cuda")
+            batch = dm.on_after_batch_transfer(batch, 0)
+            if args.finish == "cuda":
+                torch.cuda.synchronize()
+            return batch
+
+        stream_s, stream_n = timed(dm.train_dataloader(), args.batches, finish)
+        files = DataLoader(FolderDataset(root / "files", dm.prep), batch_size=args.batch_size, shuffle=True,
+                           num_workers=args.workers, collate_fn=partial(naive_collate, prep=dm.prep))
+        def to_device(batch):  # the naive reader's (float) batches travel to the GPU too
+            if args.finish != "cuda":
+                return batch
+            batch = move_data_to_device(batch, "cuda")
+            torch.cuda.synchronize()
+            return batch
+
+        files_s, files_n = timed(files, args.batches, to_device)
+        for name, s, n in (("stream", stream_s, stream_n), ("files", files_s, files_n)):
+            rates[name].append(n / s)
+            print(f"round {r + 1} {name:<7} {n / s:7.1f} images/s  {n / s / workers:7.1f} per worker  "
+                  f"({n} images in {s:.1f} s)")
+    for name, label in (("stream", f"stream (shards, uint8, finish {args.finish})"),
+                        ("files", "files (PIL per file, float in workers)")):
+        v = sorted(rates[name])
+        print(f"{label:<40} median {v[len(v) // 2]:7.1f} images/s, range {v[0]:.1f}-{v[-1]:.1f}")
+    ratio = sorted(a / b for a, b in zip(rates["stream"], rates["files"], strict=True))
+    print(f"stream / files per round: {', '.join(f'{x:.2f}' for x in ratio)} (median {ratio[len(ratio) // 2]:.2f})")
 
 
 if __name__ == "__main__":

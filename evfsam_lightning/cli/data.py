@@ -52,7 +52,7 @@ def realized_mixture(config: DataConfig, samples: int, *, rank: int = 0, world_s
     sources, tasks, skips, kept = Counter(), Counter(), Counter(), []
     while sum(sources.values()) < samples:
         for batch in dm.train_dataloader():
-            dm.on_before_batch_transfer(batch, 0)
+            batch = dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
             skips.update({k: v for k, v in batch["data_stats"].items() if k != "images"})
             for i in range(len(batch["keys"])):
                 if sum(sources.values()) == samples:

@@ -4,9 +4,16 @@
 stream of one validation/test source split exactly across ranks. Both yield whole batches
 (use `DataLoader(batch_size=None)`), preprocessed and tokenised in the workers.
 
-The batch dict (B images, N = sum of n_i expressions):
+The workers leave the SAM image as uint8 (`sam_pixels_uint8`): its float conversion and
+normalisation run after the transfer to the device (`finish_batch`, called by
+`EvfDataModule.on_after_batch_transfer`), with the arithmetic of `transforms.sam_preprocess`, so
+the model sees bit-identical pixels while workers produce, stack and transfer a quarter of the bytes.
 
-    sam_pixel_values   float (B, 3, S, S)      SAM input (`transforms.sam_preprocess`, or sam2_preprocess)
+The batch dict (B images, N = sum of n_i expressions) as the model receives it:
+
+    sam_pixel_values   float (B, 3, S, S)      SAM input (`transforms.sam_preprocess`, or sam2_preprocess);
+                       from the workers as    uint8 `sam_pixels_uint8` (B, S, S, 3) (`transforms.sam_input_uint8`)
+    image_features     dict of bf16 (B, ...)   instead of the SAM image, with an embedding cache (training only)
     beit_pixel_values  float (B, 3, 224, 224)  BEiT-3 input (`transforms.beit3_preprocess`)
     resize_hw          long (B, 2)             (h', w') returned by the SAM preprocessing
     original_hw        long (B, 2)             (H, W) of the original image
@@ -38,11 +45,12 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .embedding_cache import EmbeddingCache
 from .mixing import Mixer, sample_rng
 from .schema import Sample, SampleError
 from .stream import DataError, SkipLog, SourceReader, decode, iter_shard
 from .tokenizer import load_tokenizer, tokenize
-from .transforms import beit3_preprocess, sam2_preprocess, sam_preprocess
+from .transforms import beit3_preprocess, normalise_sam_pixels, sam_input_uint8, sam_resize_hw
 
 SAM_VARIANTS = ("sam", "sam2")
 #: A source whose reader fails this many samples in a row is broken, not unlucky.
@@ -83,16 +91,20 @@ def all_objects(sample: Sample) -> list[tuple[int, int]]:
 
 
 def make_example(sample: Sample, image: np.ndarray, picks: Sequence[tuple[int, int]],
-                 prep: Preprocessing, source: str) -> dict[str, Any]:
+                 prep: Preprocessing, source: str,
+                 image_features: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """One image's preprocessed inputs and the chosen (mask, expression) pairs. `source` is the
-    configured source name (what logs and per-source metrics use), not the record's."""
-    if prep.sam_variant == "sam":
-        sam, resize_hw = sam_preprocess(image, prep.sam_image_size)
+    configured source name (what logs and per-source metrics use), not the record's. With
+    `image_features` (from an embedding cache) the SAM image is not prepared at all."""
+    if image_features is None:
+        sam, resize_hw = sam_input_uint8(image, prep.sam_variant, prep.sam_image_size)
     else:
-        sam, resize_hw = sam2_preprocess(image, prep.sam_image_size)
+        s = prep.sam_image_size
+        sam, resize_hw = None, sam_resize_hw(sample.height, sample.width, s) if prep.sam_variant == "sam" else (s, s)
     masks = np.stack([sample.objects[i].mask for i, _ in picks])
     return {
-        "sam": sam, "beit": beit3_preprocess(image, prep.beit_image_size), "resize_hw": resize_hw,
+        "sam": sam, "image_features": image_features, "beit": beit3_preprocess(image, prep.beit_image_size),
+        "resize_hw": resize_hw,
         "original_hw": (sample.height, sample.width), "masks": torch.from_numpy(masks),
         "expressions": [sample.objects[i].expressions[j] for i, j in picks],
         "key": sample.key, "source": source, "task": sample.task,
@@ -109,8 +121,14 @@ def collate(examples: Sequence[dict[str, Any]], prep: Preprocessing) -> dict[str
     else:
         input_ids, attention_mask = torch.ones(0, 0, dtype=torch.long), torch.zeros(0, 0, dtype=torch.bool)
     s, t = prep.sam_image_size, prep.beit_image_size
+    if b and examples[0]["image_features"] is not None:
+        image = {"image_features": {k: torch.stack([ex["image_features"][k] for ex in examples])
+                                    for k in examples[0]["image_features"]}}
+    else:
+        image = {"sam_pixels_uint8": torch.stack([ex["sam"] for ex in examples]) if b
+                 else torch.zeros(0, s, s, 3, dtype=torch.uint8)}
     return {
-        "sam_pixel_values": torch.stack([ex["sam"] for ex in examples]) if b else torch.zeros(0, 3, s, s),
+        **image,
         "beit_pixel_values": torch.stack([ex["beit"] for ex in examples]) if b else torch.zeros(0, 3, t, t),
         "resize_hw": torch.tensor([ex["resize_hw"] for ex in examples], dtype=torch.long).reshape(b, 2),
         "original_hw": torch.tensor([ex["original_hw"] for ex in examples], dtype=torch.long).reshape(b, 2),
@@ -124,6 +142,15 @@ def collate(examples: Sequence[dict[str, Any]], prep: Preprocessing) -> dict[str
         "tasks": [ex["task"] for ex in examples],
         "expressions": expressions,
     }
+
+
+def finish_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """Turn the workers' uint8 SAM images into the model's input floats, where the batch lies (the
+    device, after transfer): `sam_pixels_uint8` -> `sam_pixel_values`, bit-identical to
+    `transforms.sam_preprocess`. A batch without uint8 images is returned as it is."""
+    if isinstance(batch, dict) and "sam_pixels_uint8" in batch:
+        batch["sam_pixel_values"] = normalise_sam_pixels(batch.pop("sam_pixels_uint8"), batch["resize_hw"])
+    return batch
 
 
 def stats(images: int, skips: dict[str, int]) -> dict[str, int]:
@@ -170,7 +197,7 @@ class TrainStream(IterableDataset):
     def __init__(self, sources: Sequence[TrainSource], *, prep: Preprocessing, batch_size: int, rank: int,
                  world_size: int, num_workers: int, seed: int, mixing: str, batches_per_epoch: int,
                  max_expressions_per_image: int, buffer_size: int, block_shards: int, strict: bool,
-                 position: StreamPosition):
+                 position: StreamPosition, embedding_cache: EmbeddingCache | None = None):
         if batches_per_epoch < 1 or batch_size < 1:
             raise ValueError(f"batches_per_epoch and batch_size must be >= 1, got {batches_per_epoch}, {batch_size}")
         self.sources = list(sources)
@@ -181,6 +208,7 @@ class TrainStream(IterableDataset):
         self.batches_per_epoch, self.k = batches_per_epoch, max_expressions_per_image
         self.buffer_size, self.block_shards, self.strict = buffer_size, block_shards, strict
         self.position = position
+        self.embedding_cache = embedding_cache
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -232,7 +260,10 @@ class TrainStream(IterableDataset):
             except SampleError as e:
                 skips.skip(e.reason, str(e))
                 continue
-            return make_example(sample, image, pick_objects(sample, rng, self.k), self.prep, reader.name)
+            features = None
+            if self.embedding_cache is not None:
+                features = self.embedding_cache.features(reader.name, raw["__url__"], sample.key)
+            return make_example(sample, image, pick_objects(sample, rng, self.k), self.prep, reader.name, features)
         raise DataError("too_many_skips", f"source {reader.name}: {MAX_CONSECUTIVE_SKIPS} samples in a row "
                                           f"failed to decode (see the warnings above)")
 

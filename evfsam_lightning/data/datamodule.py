@@ -39,7 +39,9 @@ from .batching import (
     TrainSource,
     TrainStream,
     cached_tokenizer,
+    finish_batch,
 )
+from .embedding_cache import EmbeddingCache, preprocessing_fingerprint
 from .mixing import MIXING_MODES
 from .stream import SkipLog, expand_urls, iter_shard, missing_local_shards, shard_sizes
 
@@ -102,6 +104,9 @@ class DataConfig:
     """Images per eval batch; default `batch_size`."""
     strict: bool = False
     """Raise on the first bad sample (naming shard and key) instead of skipping and counting it."""
+    embedding_cache: str | None = None
+    """Folder of precomputed SAM image features (`evfsam-cache-embeddings`): training batches carry
+    `image_features` instead of the SAM image. Validation and test batches keep their images."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -180,7 +185,8 @@ class EvfDataModule(L.LightningDataModule):
 
     `rank`/`world_size` default to the trainer's (or torch.distributed's); give them to build the
     stream of one rank outside a distributed run. This module overrides `on_before_batch_transfer`
-    (to record consumed batches); Lightning then ignores a LightningModule's override of that hook."""
+    (to record consumed batches) and `on_after_batch_transfer` (to finish the SAM image on the
+    device); Lightning then ignores a LightningModule's override of those hooks."""
 
     def __init__(self, config: DataConfig, *, rank: int | None = None, world_size: int | None = None):
         super().__init__()
@@ -197,6 +203,7 @@ class EvfDataModule(L.LightningDataModule):
         self.data_stats_total: Counter[str] = Counter()
         """Skip counts of the training batches consumed on this rank (kept in the data state)."""
         self._train: list[TrainSource] | None = None
+        self._embedding_cache: EmbeddingCache | None = None
         self._batches_per_epoch: int | None = None
         self._eval_sizes: dict[str, tuple[list[str], list[int]]] = {}
         self._pending_state: dict[str, Any] | None = None
@@ -246,6 +253,10 @@ class EvfDataModule(L.LightningDataModule):
             raise ValueError(f"an epoch of {samples} samples is less than one batch on every rank "
                              f"({cfg.batch_size} x {self.world_size})")
         self._train, self._batches_per_epoch = train, samples // per_step
+        if cfg.embedding_cache:
+            self._embedding_cache = EmbeddingCache(
+                cfg.embedding_cache, {s.name: s.urls for s in train},
+                preprocessing_fingerprint(cfg.sam_variant, cfg.sam_image_size))
 
     @property
     def batches_per_epoch(self) -> int:
@@ -265,7 +276,7 @@ class EvfDataModule(L.LightningDataModule):
                            mixing=cfg.mixing, batches_per_epoch=self.batches_per_epoch,
                            max_expressions_per_image=cfg.max_expressions_per_image,
                            buffer_size=cfg.shuffle_buffer, block_shards=cfg.shuffle_shards, strict=cfg.strict,
-                           position=self.position)
+                           position=self.position, embedding_cache=self._embedding_cache)
 
     def train_dataloader(self) -> DataLoader:
         # Workers restart every epoch (not persistent) so that each starts from the consumed position.
@@ -306,6 +317,10 @@ class EvfDataModule(L.LightningDataModule):
         if isinstance(batch, dict) and "_stream" in batch:
             self.record_consumed(batch)
         return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Finishes the SAM image on the device (uint8 -> normalised floats, `batching.finish_batch`)."""
+        return finish_batch(batch)
 
     def record_consumed(self, batch: dict[str, Any]) -> None:
         """Remove `_stream` from a training batch and advance the consumed position to it."""

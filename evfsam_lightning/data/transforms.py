@@ -47,6 +47,34 @@ def sam_preprocess(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Ten
     return x, (rh, rw)
 
 
+def sam_resize_uint8(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The uint8 half of `sam_preprocess`: the Pillow bilinear resize placed top-left in a zero
+    (S, S, 3) uint8 canvas (channels last: filled by contiguous row copies). `normalise_sam_pixels`
+    finishes it (on the device) to exactly the pixels of `sam_preprocess`, at a quarter of the bytes
+    to produce, stack and transfer. Returns ((S, S, 3) uint8, (h', w'))."""
+    _check_rgb_uint8(image)
+    h, w = image.shape[:2]
+    rh, rw = sam_resize_hw(h, w, image_size)
+    canvas = np.zeros((image_size, image_size, 3), dtype=np.uint8)
+    canvas[:rh, :rw] = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR))
+    return torch.from_numpy(canvas), (rh, rw)
+
+
+def normalise_sam_pixels(pixels: torch.Tensor, resize_hw: torch.Tensor) -> torch.Tensor:
+    """uint8 canvases (B, S, S, 3) and their valid (h', w') (B, 2) -> SAM input floats (B, 3, S, S):
+    the arithmetic of `sam_preprocess` (float32 (x - mean) / std, +0.0 outside (h', w')), so the
+    result is bit-identical to it, on any device and without a host synchronisation."""
+    s = pixels.shape[1]
+    pixels = pixels.permute(0, 3, 1, 2).contiguous()  # NCHW on the uint8, a quarter of the float bytes
+    mean = torch.tensor(SAM_PIXEL_MEAN, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD, device=pixels.device).view(1, -1, 1, 1)
+    x = pixels.float().sub_(mean).div_(std)
+    grid = torch.arange(s, device=pixels.device)
+    hw = resize_hw.to(pixels.device)
+    pad = (grid.view(1, s, 1) >= hw[:, 0].view(-1, 1, 1)) | (grid.view(1, 1, s) >= hw[:, 1].view(-1, 1, 1))
+    return x.masked_fill_(pad[:, None], 0.0)  # +0.0, as F.pad writes
+
+
 def sam2_resize(image: np.ndarray, image_size: int = 1024) -> torch.Tensor:
     """SAM-2's resize: torch's native uint8 bilinear kernel to (S, S), aspect ratio not kept, no
     antialias (the reference `sam_preprocess(model_type="sam2")`). Pillow gives the same pixels only
@@ -59,6 +87,14 @@ def sam2_resize(image: np.ndarray, image_size: int = 1024) -> torch.Tensor:
 def sam2_preprocess(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
     """SAM-2 input: `sam2_resize` (no padding), SAM's mean/std. Returns ((3, S, S), (S, S))."""
     return _normalise_sam(sam2_resize(image, image_size).permute(1, 2, 0).numpy()), (image_size, image_size)
+
+
+def sam_input_uint8(image: np.ndarray, variant: str, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The uint8 SAM input of either family, (S, S, 3) and the valid (h', w'): `sam_resize_uint8`
+    for SAM-1, `sam2_resize` (all of S x S valid) for SAM-2. `normalise_sam_pixels` finishes it."""
+    if variant == "sam":
+        return sam_resize_uint8(image, image_size)
+    return sam2_resize(image, image_size).permute(1, 2, 0), (image_size, image_size)
 
 
 def beit3_preprocess(image: np.ndarray, image_size: int = BEIT3_IMAGE_SIZE) -> torch.Tensor:

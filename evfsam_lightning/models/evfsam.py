@@ -85,18 +85,19 @@ class EvfSam(nn.Module):
             next(iter(image_features.values())).dtype))
         logits = None
         if full_resolution:
-            logits = self.full_resolution_logits(low_res, batch)
+            counts = torch.bincount(image_index, minlength=batch["resize_hw"].shape[0]).tolist()
+            logits = self.full_resolution_logits(low_res, counts, batch["original_hw"].tolist(),
+                                                 batch["resize_hw"].tolist())
         return EvfOutput(low_res, iou, logits, prompt)
 
-    def full_resolution_logits(self, low_res: torch.Tensor, batch: dict) -> list[torch.Tensor]:
-        """Per image, the logits of its expressions at the image's original size (n_i, H_i, W_i)."""
-        counts = torch.bincount(batch["image_index"], minlength=batch["resize_hw"].shape[0]).tolist()
-        resize_hw = batch["resize_hw"].tolist()
-        original_hw = batch["original_hw"].tolist()
-        out = []
-        for i, chunk in enumerate(low_res.split(counts)):
-            out.append(self.visual_model.postprocess(chunk, resize_hw[i], original_hw[i])[:, 0])
-        return out
+    def full_resolution_logits(self, low_res: torch.Tensor, counts: list[int], original_hw: list,
+                               resize_hw: list | None = None) -> list[torch.Tensor]:
+        """Per image, the logits of its `counts[i]` expressions at its original size (n_i, H_i, W_i).
+        Sizes are host integers; `resize_hw` defaults to the preprocessing's (`input_hw`)."""
+        if resize_hw is None:
+            resize_hw = [self.visual_model.input_hw(int(h), int(w)) for h, w in original_hw]
+        return [self.visual_model.postprocess(chunk, resize_hw[i], original_hw[i])[:, 0]
+                for i, chunk in enumerate(low_res.split(counts))]
 
     # -- inference ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -31,6 +31,18 @@ class SamBackbone(nn.Module):
     prompt_dim: int
     #: attribute names of the sub-modules that make up the image encoder (frozen in the reference set)
     image_encoder_names: tuple[str, ...] = ()
+    #: state-dict prefixes of every tensor that `encode_image` reads (what an embedding cache depends on)
+    image_feature_prefixes: tuple[str, ...] = ()
+    #: the keys of the dict that `encode_image` returns
+    image_feature_names: tuple[str, ...] = ()
+
+    def image_feature_state(self) -> dict[str, torch.Tensor]:
+        """The parameters and buffers that `encode_image` reads, by state-dict name."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.image_feature_prefixes)}
+
+    def input_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The (h', w') that preprocessing resizes an (H, W) image to (its unpadded part of S x S)."""
+        raise NotImplementedError
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         raise NotImplementedError
@@ -140,6 +152,8 @@ class Sam1Backbone(SamBackbone):
 
     family = "sam"
     image_encoder_names = ("vision_encoder",)
+    image_feature_prefixes = ("vision_encoder.",)
+    image_feature_names = ("image_embeddings",)
 
     # (reference pattern, ours) in the order they apply; inverse rules are derived below.
     _RENAMES = [
@@ -185,6 +199,9 @@ class Sam1Backbone(SamBackbone):
     # -- images -------------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         return transforms.sam_preprocess(image, self.image_size)
+
+    def input_hw(self, height: int, width: int) -> tuple[int, int]:
+        return transforms.sam_resize_hw(height, width, self.image_size)
 
     def encode_image(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"image_embeddings": self.vision_encoder(pixels).last_hidden_state}

@@ -237,6 +237,9 @@ class Sam2Backbone(SamBackbone):
 
     family = "sam2"
     image_encoder_names = ("vision_encoder",)
+    image_feature_prefixes = ("vision_encoder.", "no_memory_embedding", "mask_decoder.conv_s0.",
+                              "mask_decoder.conv_s1.")
+    image_feature_names = ("image_embeddings", "high_res_feat_s0", "high_res_feat_s1")
 
     def __init__(self, config: Sam2Config):
         super().__init__()
@@ -267,6 +270,9 @@ class Sam2Backbone(SamBackbone):
     # -- images -------------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         return transforms.sam2_preprocess(image, self.image_size)
+
+    def input_hw(self, height: int, width: int) -> tuple[int, int]:
+        return self.image_size, self.image_size
 
     def encode_image(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """`image_embeddings` (B, C, S/16, S/16) with `no_mem_embed` added, and the decoder's

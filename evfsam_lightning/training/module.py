@@ -85,12 +85,19 @@ class EvfSamModule(L.LightningModule):
         self.nonfinite_steps = 0
         self._nonfinite_run = 0
         self._skip_update = False
+        self._loss_flags: list[torch.Tensor] = []  # per micro-batch of the window: loss non-finite
         self._val_images: list[dict] = []
         # Frozen weights left out of checkpoints come back from the pretrained source.
         self.strict_loading = self.cfg.checkpoint.save_frozen
         # Checkpoints carry the tokenizer, so that they are usable on their own.
         self.tokenizer_files = tokenizer_files(tokenizer_dir) if tokenizer_dir else None
         self.train()  # puts the fully frozen modules in eval mode from the start
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.cfg.data.embedding_cache:
+            from evfsam_lightning.data.embedding_cache import check_model
+
+            check_model(self.model, self.cfg.data.embedding_cache)  # before any sharding
 
     def configure_model(self) -> None:
         if self.cfg.strategy.name == "fsdp" and not getattr(self, "_sharded", False):
@@ -116,23 +123,46 @@ class EvfSamModule(L.LightningModule):
         self.train()  # Lightning does not call train() itself: enforce the frozen modules' eval mode
 
     def image_features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """SAM image features of the batch's images: those of an embedding cache when the batch
+        carries `image_features` (bf16, cast to the weights' dtype), else the encoder's, run under
+        no-grad when it is frozen."""
+        cached = batch.get("image_features")
+        if cached is not None:
+            dtype = next(self.model.parameters()).dtype
+            return {k: v.to(dtype) for k, v in cached.items()}
         frozen = fully_frozen_modules(self.model)
         if frozen:
             with torch.no_grad():
                 return self.model.encode_images(batch["sam_pixel_values"])
         return self.model.encode_images(batch["sam_pixel_values"])
 
+    def forward_losses(self, batch: dict, image_features: dict[str, torch.Tensor]):
+        """The model's forward, its logits at original resolution and the mask loss. Image sizes come
+        from the target masks' shapes (host metadata): no device synchronisation."""
+        out = self.model(batch, image_features=image_features, full_resolution=False)
+        masks = batch["masks"]
+        logits = self.model.full_resolution_logits(out.low_res_logits, [int(m.shape[0]) for m in masks],
+                                                   [tuple(m.shape[-2:]) for m in masks])
+        losses = mask_loss(logits, masks, self.cfg.optim.bce_weight, self.cfg.optim.dice_weight)
+        return out, logits, losses
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's logs (the test its own LearningRateMonitor makes)."""
+        return self.trainer._logger_connector.should_update_logs
+
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch, image_features=self.image_features(batch))
-        losses = mask_loss(out.logits, batch["masks"], self.cfg.optim.bce_weight, self.cfg.optim.dice_weight)
+        _, _, losses = self.forward_losses(batch, self.image_features(batch))
         loss = losses["loss"]
-        self._check_finite(loss)
+        # Checked once per optimizer step (`_check_finite`): reading it here would stall the host.
+        self._loss_flags.append(~torch.isfinite(loss.detach()))
         n_images = len(batch["masks"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n_images)
         self.log("train/bce", losses["bce"], batch_size=n_images)
         self.log("train/dice", losses["dice"], batch_size=n_images)
-        self.log("train/expressions_per_image", batch["input_ids"].shape[0] / max(1, n_images), batch_size=n_images)
+        if self._logging_step():  # a Python number is copied to the device: only when it is written
+            self.log("train/expressions_per_image", batch["input_ids"].shape[0] / max(1, n_images),
+                     batch_size=n_images)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -145,13 +175,19 @@ class EvfSamModule(L.LightningModule):
             name = "data/images" if key == "images" else f"data/skipped_{key}".replace("skipped_skipped", "skipped")
             self.log(name, float(count), reduce_fx="sum", sync_dist=True, batch_size=1)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        """All ranks agree whether this micro-batch's loss is finite; a non-finite one makes the
-        optimizer step of its window a no-op (see `on_before_optimizer_step`)."""
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.trainer is not None and self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
-        if bad.item() > 0:
+    def _check_finite(self) -> None:
+        """Before each optimizer step, all ranks agree which micro-batch losses of its window were
+        non-finite (one host synchronisation per step); any makes the step a no-op (see
+        `on_before_optimizer_step`), and too many in a row stop the run."""
+        if not self._loss_flags:
+            return
+        flags, self._loss_flags = torch.stack(self._loss_flags).float(), []
+        if self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        for bad in flags.tolist():
+            if not bad:
+                self._nonfinite_run = 0
+                continue
             self._skip_update = True
             self.nonfinite_steps += 1
             self._nonfinite_run += 1
@@ -161,13 +197,12 @@ class EvfSamModule(L.LightningModule):
                     f"{self._nonfinite_run} consecutive non-finite losses (optim.max_nonfinite_steps="
                     f"{self.cfg.optim.max_nonfinite_steps}) at step {self.global_step}: lower optim.lr, "
                     "check the data (evfsam-data inspect) or use bf16-mixed instead of 16-mixed")
-        else:
-            self._nonfinite_run = 0
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        self._check_finite()
         # Under DeepSpeed the gradients live in its own buffers (p.grad is None): nothing to log here.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
+        if grads and self._logging_step():  # the norm costs a pass over all gradients: only when written
             norm = torch.nn.utils.get_total_norm(grads)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: over all shards
             self.log("train/grad_norm", norm, batch_size=1)
@@ -192,14 +227,13 @@ class EvfSamModule(L.LightningModule):
 
     # -- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        out = self.model(batch, image_features=self.model.encode_images(batch["sam_pixel_values"]))
-        losses = mask_loss(out.logits, batch["masks"], self.cfg.optim.bce_weight, self.cfg.optim.dice_weight)
+        _, all_logits, losses = self.forward_losses(batch, self.model.encode_images(batch["sam_pixel_values"]))
         self.log("val/loss", losses["loss"], batch_size=len(batch["masks"]), sync_dist=True)
         # One loader per validation source, in order (the samples' own source names may differ).
-        for logits, target in zip(out.logits, batch["masks"], strict=True):
+        for logits, target in zip(all_logits, batch["masks"], strict=True):
             self.val_iou.update(logits, target, torch.full((logits.shape[0],), dataloader_idx, dtype=torch.long))
         if len(self._val_images) < self.cfg.logging.val_images:
-            self._collect_images(batch, out.logits)
+            self._collect_images(batch, all_logits)
 
     def on_validation_epoch_end(self) -> None:
         results = self.val_iou.compute()

@@ -98,6 +98,7 @@ def data_config(cfg: RunConfig, model_cfg):
         beit_image_size=model_cfg.beit3.image_size, max_text_length=d.max_text_length, seed=cfg.seed,
         mixing=d.mixing, samples_per_epoch=d.samples_per_epoch or None, shuffle_buffer=d.shuffle_buffer,
         shuffle_shards=d.shuffle_shards, eval_batch_size=d.val_batch_size, strict=d.strict,
+        embedding_cache=d.embedding_cache,
     )
 
 

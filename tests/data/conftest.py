@@ -95,11 +95,12 @@ def config(tokenizer: str, root: Path, **overrides) -> DataConfig:
 
 def consume(dm, n_batches: int) -> list[dict]:
     """Take `n_batches` training batches the way Lightning does (a fresh iterator each epoch, each
-    batch recorded by `on_before_batch_transfer`), stopping mid-epoch if asked."""
+    batch recorded by `on_before_batch_transfer` and finished by `on_after_batch_transfer`),
+    stopping mid-epoch if asked."""
     out: list[dict] = []
     while len(out) < n_batches:
         for batch in dm.train_dataloader():
-            out.append(dm.on_before_batch_transfer(batch, 0))
+            out.append(dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0))
             if len(out) == n_batches:
                 break
     return out

@@ -50,3 +50,25 @@ def test_tokenizer_layout_and_semantic_token(tiny_tokenizer_dir):
 def test_tokenizer_folder_without_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="sentencepiece.bpe.model"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["sam", "sam2"])
+def test_uint8_worker_output_finished_on_the_device_is_bit_identical(variant):
+    """The workers' uint8 canvases, normalised in one batch after transfer, equal the reference
+    per-image preprocessing bit for bit (padding included), for images of mixed sizes."""
+    from evfsam_lightning.data.batching import finish_batch
+
+    rng = np.random.default_rng(0)
+    shapes = [(480, 640), (640, 480), (37, 200), (1024, 1024), (333, 333), (1, 700)]
+    images = [rng.integers(0, 256, (*hw, 3), dtype=np.uint8) for hw in shapes]
+    reference = transforms.sam_preprocess if variant == "sam" else transforms.sam2_preprocess
+    expected = [reference(image, 1024) for image in images]
+    canvases = [transforms.sam_input_uint8(image, variant, 1024) for image in images]
+    assert all(c.dtype == torch.uint8 and c.shape == (1024, 1024, 3) for c, _ in canvases)
+    batch = finish_batch({"sam_pixels_uint8": torch.stack([c for c, _ in canvases]),
+                          "resize_hw": torch.tensor([hw for _, hw in canvases])})
+    assert "sam_pixels_uint8" not in batch
+    for got, (want, hw), (_, got_hw) in zip(batch["sam_pixel_values"], expected, canvases, strict=True):
+        assert got_hw == hw
+        # bit equality (view as int32, so that -0.0 and 0.0 or two NaN payloads would differ)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
