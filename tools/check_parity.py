@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from evfsam_lightning.data import transforms
 from evfsam_lightning.models.builders import build_model
 from evfsam_lightning.models.checkpoints import load_reference_weights
-from evfsam_lightning.models.parity import beit3_config_from_manifest, check_training
+from evfsam_lightning.models.parity import beit3_config_from_manifest, check_text_path, check_training
 
 FLOAT_TOL = 1e-4
 LOSS_RTOL = 1e-5
@@ -109,12 +109,7 @@ def check_sam1(fixture: Path, manifest: dict, report: Report) -> None:
         report.close("image_embeddings", feats["image_embeddings"], io["image_embeddings"])
         ids = io["input_ids"]
         beit_out = model.beit3(io["beit_pixel_values"], ids, io["attention_mask"].bool())
-        if "beit3.encoder_out" in inter:
-            report.close("beit3.encoder_out", beit_out, inter["beit3.encoder_out"])
-        report.close("beit3_feature", beit_out[:, :1], io["beit3_feature"])
-        prompt = model.text_hidden_fcs[0](beit_out[:, :1])
-        report.close("prompt_embedding", prompt, io["prompt_embedding"])
-        report.close("sparse_embeddings", prompt, io["sparse_embeddings"])
+        prompt = check_text_path(model, beit_out, io, inter, report)
         h, w = feats["image_embeddings"].shape[-2:]
         dense = vm.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
         report.close("dense_embeddings", dense, io["dense_embeddings"])

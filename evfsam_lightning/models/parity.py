@@ -34,6 +34,19 @@ def beit3_config_from_manifest(manifest: dict) -> dict:
     }
 
 
+def check_text_path(model: EvfSam, beit_out: torch.Tensor, io: dict[str, torch.Tensor],
+                    inter: dict[str, torch.Tensor], report: ParityReport) -> torch.Tensor:
+    """BEiT-3's output, its first token and the projected prompt (the sparse embedding) against the
+    fixture; returns the prompt."""
+    if "beit3.encoder_out" in inter:
+        report.close("beit3.encoder_out", beit_out, inter["beit3.encoder_out"])
+    report.close("beit3_feature", beit_out[:, :1], io["beit3_feature"])
+    prompt = model.text_hidden_fcs[0](beit_out[:, :1])
+    report.close("prompt_embedding", prompt, io["prompt_embedding"])
+    report.close("sparse_embeddings", prompt, io["sparse_embeddings"])
+    return prompt
+
+
 def check_training(model: EvfSam, io: dict[str, torch.Tensor], manifest: dict, report: ParityReport,
                    resize_hw: torch.Tensor) -> tuple[EvfOutput, dict[str, torch.Tensor], torch.Tensor]:
     """The reference training forward (SAM frozen, its image features computed without gradients),

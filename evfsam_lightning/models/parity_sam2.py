@@ -22,7 +22,12 @@ from torch import nn
 from evfsam_lightning.data import transforms
 from evfsam_lightning.models.builders import build_model
 from evfsam_lightning.models.checkpoints import load_reference_weights
-from evfsam_lightning.models.parity import ParityReport, beit3_config_from_manifest, check_training
+from evfsam_lightning.models.parity import (
+    ParityReport,
+    beit3_config_from_manifest,
+    check_text_path,
+    check_training,
+)
 
 #: binary masks may differ only where the golden logit is closer than this to the threshold
 PRED_MASK_TOL = 1e-4
@@ -159,12 +164,7 @@ def check_parity_sam2(fixture: Path, manifest: dict, report: ParityReport) -> No
                       {"beit3.embedding_out": layers[0]}) as seen:
             beit_out = model.beit3(io["beit_pixel_values"], io["input_ids"], io["attention_mask"].bool())
         _compare_rows(report, inter, {name: (outs[0], 1) for name, outs in seen.items()})
-        if "beit3.encoder_out" in inter:
-            report.close("beit3.encoder_out", beit_out, inter["beit3.encoder_out"])
-        report.close("beit3_feature", beit_out[:, :1], io["beit3_feature"])
-        prompt = model.text_hidden_fcs[0](beit_out[:, :1])
-        report.close("prompt_embedding", prompt, io["prompt_embedding"])
-        report.close("sparse_embeddings", prompt, io["sparse_embeddings"])
+        prompt = check_text_path(model, beit_out, io, inter, report)
 
         # Mask decoder: every mask token, the selection, with the decoder's intermediates
         index = torch.zeros(1, dtype=torch.long)
