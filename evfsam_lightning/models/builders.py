@@ -8,6 +8,7 @@ other dimensions come from a config dict (e.g. a fixture manifest or a recipe).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,15 +109,7 @@ def build_model(config: str | dict | EvfSamConfig, device: str | torch.device | 
                 gradient_checkpointing: bool = False) -> EvfSam:
     """Build an `EvfSam` with freshly initialised weights; `device="meta"` builds without memory."""
     cfg = model_config(config)
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         model = EvfSam(beit3=Beit3(cfg.beit3, gradient_checkpointing), visual_model=build_backbone(cfg))
     model.config = cfg
     return model
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
