@@ -84,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from evfsam_lightning.data.stream import SkipLog, expand_urls
-    from evfsam_lightning.models.builders import model_config
-    from evfsam_lightning.training.module import build_configured_model
-    from evfsam_lightning.training.run import data_config
+    from evfsam_lightning.training.module import build_configured_model, model_size
+    from evfsam_lightning.training.run import data_config, resolve_pretrained
+
+    try:
+        cfg = resolve_pretrained(cfg)  # a missing file of model.pretrained, named; model.size=auto
+    except ConfigError as e:
+        print(f"evfsam-cache-embeddings: config error: {e}", file=sys.stderr)
+        return 2
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -97,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / ec.MANIFEST).unlink(missing_ok=True)
     if world > 1:
         torch.distributed.init_process_group("gloo")  # only barriers: shards are split, not tensors
-    size = model_config(dict(cfg.model.dims)) if cfg.model.size == "custom" else model_config(cfg.model.size)
-    data = data_config(cfg, size)
+    data = data_config(cfg, model_size(cfg.model))
     torch.manual_seed(cfg.seed)  # the initialisation a training run of this recipe starts from
     model = build_configured_model(cfg).to(device).eval()
     family, s = model.config.family, model.visual_model.image_size
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             "encoder_fingerprint": ec.encoder_fingerprint(model.visual_model),
             "preprocessing": ec.preprocessing_fingerprint(family, s),
             "features": list(model.visual_model.image_feature_names), "dtype": "bfloat16", "precision": precision,
-            "sources": {name: {"urls": urls, "samples": counts[name]} for name, urls in sources.items()},
+            "sources": {name: {"urls": urls, "samples": counts[name], "bytes": ec.shard_sizes(urls)}
+                        for name, urls in sources.items()},
         }
         tmp = args.out / f".{ec.MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))

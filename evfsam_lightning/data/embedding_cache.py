@@ -6,14 +6,15 @@ source and shard, safetensors files of bf16 features named `<sample key>/<featur
 that `visual_model.encode_image` returns), next to a manifest that records what they depend on:
 
     <cache>/manifest.json                 version, encoder fingerprint, preprocessing, feature names,
-                                          per source: shard URLs (in recipe order) and sample counts
+                                          per source: shard URLs (in recipe order), sample counts and
+                                          byte sizes of the local shard files
     <cache>/<source>/<shard:06d>.json     {"parts": [file, ...], "keys": {sample key: part index}}
     <cache>/<source>/<shard:06d>-<part:03d>.safetensors
 
 Training reads them in the data workers (`EmbeddingCache.features`), so batches carry
 `image_features` instead of the SAM image, and the module skips the encoder. The cache is only
-valid for the same encoder weights and the same preprocessing: `check_manifest` compares both
-and names what differs.
+valid for the same encoder weights, the same preprocessing and the same shards: `check_manifest`
+compares them and names what differs (a shard rewritten by a new conversion has another size).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def encoder_fingerprint(visual_model: torch.nn.Module) -> str:
 def read_manifest(root: str | Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST
     if not path.is_file():
-        raise EmbeddingCacheError(f"embedding cache {root}: no {MANIFEST} (build it with evfsam-cache-embeddings)")
+        raise EmbeddingCacheError(f"embedding cache {root}: no {MANIFEST}; build it with "
+                                  f"`evfsam-cache-embeddings RECIPE --out {root}` (the training recipe)")
     manifest = json.loads(path.read_text())
     if manifest.get("version") != CACHE_VERSION:
         raise EmbeddingCacheError(f"embedding cache {root}: version {manifest.get('version')!r}, "
@@ -87,9 +89,21 @@ def check_manifest(manifest: Mapping[str, Any], *, preprocessing: Mapping[str, A
         elif list(saved["urls"]) != list(urls):
             diffs.append(f"training source {name!r}: its shards differ from the cached ones "
                          f"({len(urls)} now, {len(saved['urls'])} cached)")
+        else:
+            for url, cached, now in zip(urls, saved.get("bytes", [None] * len(urls)), shard_sizes(urls),
+                                        strict=True):
+                if cached is not None and now is not None and cached != now:
+                    diffs.append(f"shard {url} of {name!r} changed since the cache was built "
+                                 f"({cached} bytes cached, {now} now)")
     if diffs:
         raise EmbeddingCacheError(f"embedding cache {root} does not fit this run: " + "; ".join(diffs)
                                   + ". Rebuild it with evfsam-cache-embeddings for this recipe.")
+
+
+def shard_sizes(urls: Sequence[str]) -> list[int | None]:
+    """Byte size of each local shard file (None for a remote or piped URL): what the manifest
+    records so that a cache is refused once its shards have been rewritten."""
+    return [Path(u).stat().st_size if Path(u).is_file() else None for u in urls]
 
 
 def shard_stem(shard: int) -> str:

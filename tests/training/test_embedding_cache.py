@@ -105,6 +105,20 @@ def test_other_preprocessing_is_refused_naming_it(synthetic_dir, cache_dir, tmp_
         _first_batch(cfg)
 
 
+def test_rewritten_shards_are_refused_naming_the_shard(synthetic_dir, cache_dir, tmp_path):
+    manifest = json.loads((cache_dir / MANIFEST).read_text())
+    sizes = manifest["sources"]["synthetic"]["bytes"]
+    assert len(sizes) == len(manifest["sources"]["synthetic"]["urls"]) and all(n > 0 for n in sizes)
+    manifest["sources"]["synthetic"]["bytes"][0] += 1  # as if a new conversion had rewritten shard 0
+    other = tmp_path / "cache"
+    other.mkdir()
+    (other / MANIFEST).write_text(json.dumps(manifest))
+    cfg = load(QUICKSTART, _overrides(synthetic_dir, f"data.embedding_cache={other}"))
+    first = manifest["sources"]["synthetic"]["urls"][0]
+    with pytest.raises(EmbeddingCacheError, match=f"shard {first} of 'synthetic' changed since the cache"):
+        _first_batch(cfg)
+
+
 def test_sam2_cache_holds_every_image_feature_and_gives_the_live_loss(synthetic_dir, tmp_path):
     overrides = _overrides(synthetic_dir, "model.size=tiny-sam2")
     assert cache_main([str(QUICKSTART), "--out", str(tmp_path), *overrides]) == 0
