@@ -85,6 +85,8 @@ class DataConfig:
     shuffle_shards: int = doc(1, "consecutive shards shuffled together")
     embedding_cache: str | None = doc(None, "folder of precomputed SAM image features (evfsam-cache-embeddings): "
                                             "training skips the image encoder; needs model.mode=frozen_image_encoder")
+    sam_resize: str = doc("auto", "where SAM-1's Pillow resize runs: worker, device (after the transfer, same "
+                                  "pixels; frees the workers on a GPU), or auto (device when training on a GPU)")
 
 
 @dataclass
@@ -173,6 +175,7 @@ class RunConfig:
 _CHOICES = {
     "model.mode": ("frozen_image_encoder", "full"),
     "data.mixing": ("sample", "batch"),
+    "data.sam_resize": ("auto", "worker", "device"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "strategy.name": ("auto", "ddp", "deepspeed", "fsdp"),
     "trainer.precision": ("32", "bf16-mixed", "16-mixed", "auto"),

@@ -8,11 +8,16 @@ The workers leave the SAM image as uint8 (`sam_pixels_uint8`): its float convers
 normalisation run after the transfer to the device (`finish_batch`, called by
 `EvfDataModule.on_after_batch_transfer`), with the arithmetic of `transforms.sam_preprocess`, so
 the model sees bit-identical pixels while workers produce, stack and transfer a quarter of the bytes.
+With `Preprocessing.sam_resize="device"` (SAM-1, training on a GPU) the workers do not even resize:
+batches carry the decoded images (`sam_images_uint8`) and `finish_batch` runs Pillow's bilinear
+resize on the device (`pillow_resize.resize_bilinear`, the same pixels) before the finish.
 
 The batch dict (B images, N = sum of n_i expressions) as the model receives it:
 
     sam_pixel_values   float (B, 3, S, S)      SAM input (`transforms.sam_preprocess`, or sam2_preprocess);
-                       from the workers as    uint8 `sam_pixels_uint8` (B, S, S, 3) (`transforms.sam_input_uint8`)
+                       from the workers as    uint8 `sam_pixels_uint8` (B, S, S, 3) (`transforms.sam_input_uint8`),
+                                              or (sam_resize="device") `sam_images_uint8`, B uint8 (H_i, W_i, 3)
+                                              decoded images, and `sam_resize_sizes`, B (h', w') tuples
     image_features     dict of bf16 (B, ...)   instead of the SAM image, with an embedding cache (training only)
     beit_pixel_values  float (B, 3, 224, 224)  BEiT-3 input (`transforms.beit3_preprocess`)
     resize_hw          long (B, 2)             (h', w') returned by the SAM preprocessing
@@ -47,12 +52,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .embedding_cache import EmbeddingCache
 from .mixing import Mixer, sample_rng
+from .pillow_resize import resize_bilinear
 from .schema import Sample, SampleError
 from .stream import DataError, SkipLog, SourceReader, decode, iter_shard
 from .tokenizer import load_tokenizer, tokenize
 from .transforms import beit3_preprocess, normalise_sam_pixels, sam_input_uint8, sam_resize_hw
 
 SAM_VARIANTS = ("sam", "sam2")
+SAM_RESIZE_PLACES = ("worker", "device")
 #: A source whose reader fails this many samples in a row is broken, not unlucky.
 MAX_CONSECUTIVE_SKIPS = 1000
 
@@ -66,10 +73,19 @@ class Preprocessing:
     beit_image_size: int = 224
     max_text_length: int = 64
     tokenizer: str = ""
+    sam_resize: str = "worker"
+    """Where SAM-1's Pillow resize runs: "worker" (in the data workers) or "device" (in
+    `finish_batch`, after the transfer; the same pixels). SAM-2 always resizes in the workers."""
 
     def __post_init__(self) -> None:
         if self.sam_variant not in SAM_VARIANTS:
             raise ValueError(f"sam_variant {self.sam_variant!r} not in {SAM_VARIANTS}")
+        if self.sam_resize not in SAM_RESIZE_PLACES:
+            raise ValueError(f"sam_resize {self.sam_resize!r} not in {SAM_RESIZE_PLACES}")
+
+    @property
+    def resize_on_device(self) -> bool:
+        return self.sam_resize == "device" and self.sam_variant == "sam"
 
 
 @lru_cache(maxsize=4)
@@ -96,7 +112,10 @@ def make_example(sample: Sample, image: np.ndarray, picks: Sequence[tuple[int, i
     """One image's preprocessed inputs and the chosen (mask, expression) pairs. `source` is the
     configured source name (what logs and per-source metrics use), not the record's. With
     `image_features` (from an embedding cache) the SAM image is not prepared at all."""
-    if image_features is None:
+    if image_features is None and prep.resize_on_device:
+        sam = torch.from_numpy(image if image.flags.writeable else np.array(image))  # resized in finish_batch
+        resize_hw = sam_resize_hw(sample.height, sample.width, prep.sam_image_size)
+    elif image_features is None:
         sam, resize_hw = sam_input_uint8(image, prep.sam_variant, prep.sam_image_size)
     else:
         s = prep.sam_image_size
@@ -124,6 +143,9 @@ def collate(examples: Sequence[dict[str, Any]], prep: Preprocessing) -> dict[str
     if b and examples[0]["image_features"] is not None:
         image = {"image_features": {k: torch.stack([ex["image_features"][k] for ex in examples])
                                     for k in examples[0]["image_features"]}}
+    elif prep.resize_on_device:
+        image = {"sam_images_uint8": [ex["sam"] for ex in examples],
+                 "sam_resize_sizes": [tuple(ex["resize_hw"]) for ex in examples], "sam_image_size": s}
     else:
         image = {"sam_pixels_uint8": torch.stack([ex["sam"] for ex in examples]) if b
                  else torch.zeros(0, s, s, 3, dtype=torch.uint8)}
@@ -148,9 +170,24 @@ def finish_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """Turn the workers' uint8 SAM images into the model's input floats, where the batch lies (the
     device, after transfer): `sam_pixels_uint8` -> `sam_pixel_values`, bit-identical to
     `transforms.sam_preprocess`. A batch without uint8 images is returned as it is."""
+    if isinstance(batch, dict) and "sam_images_uint8" in batch:  # resize here (sam_resize="device")
+        batch["sam_pixels_uint8"] = resize_to_canvas(batch.pop("sam_images_uint8"), batch.pop("sam_resize_sizes"),
+                                                     batch.pop("sam_image_size"))
     if isinstance(batch, dict) and "sam_pixels_uint8" in batch:
         batch["sam_pixel_values"] = normalise_sam_pixels(batch.pop("sam_pixels_uint8"), batch["resize_hw"])
     return batch
+
+
+def resize_to_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], size: int) -> torch.Tensor:
+    """Decoded uint8 (H, W, 3) images -> the (B, S, S, 3) uint8 canvases of
+    `transforms.sam_resize_uint8`, computed on the images' device (sizes are host integers: no
+    synchronisation)."""
+    if not images:
+        return torch.zeros(0, size, size, 3, dtype=torch.uint8)
+    canvas = torch.zeros(len(images), size, size, 3, dtype=torch.uint8, device=images[0].device)
+    for i, (image, (h, w)) in enumerate(zip(images, sizes, strict=True)):
+        canvas[i, :h, :w] = resize_bilinear(image, h, w)
+    return canvas
 
 
 def stats(images: int, skips: dict[str, int]) -> dict[str, int]:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from .batching import (
+    SAM_RESIZE_PLACES,
     SAM_VARIANTS,
     EvalStream,
     Preprocessing,
@@ -107,6 +108,10 @@ class DataConfig:
     embedding_cache: str | None = None
     """Folder of precomputed SAM image features (`evfsam-cache-embeddings`): training batches carry
     `image_features` instead of the SAM image. Validation and test batches keep their images."""
+    sam_resize: str = "worker"
+    """Where SAM-1's Pillow resize to `sam_image_size` runs: "worker" (data workers) or "device"
+    (after the transfer, in `on_after_batch_transfer`: the same pixels, for GPU training, where it
+    frees the workers of their largest cost; see `pillow_resize`)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid setting."""
@@ -124,6 +129,8 @@ class DataConfig:
             raise ValueError(f"data.mixing {self.mixing!r} not in {MIXING_MODES}")
         if self.sam_variant not in SAM_VARIANTS:
             raise ValueError(f"data.sam_variant {self.sam_variant!r} not in {SAM_VARIANTS}")
+        if self.sam_resize not in SAM_RESIZE_PLACES:
+            raise ValueError(f"data.sam_resize {self.sam_resize!r} not in {SAM_RESIZE_PLACES}")
         if not self.tokenizer:
             raise ValueError("data.tokenizer: give the folder holding sentencepiece.bpe.model")
         for group in ("sources", "val_sources", "test_sources"):
@@ -194,7 +201,7 @@ class EvfDataModule(L.LightningDataModule):
         self.config = config
         self.prep = Preprocessing(sam_image_size=config.sam_image_size, sam_variant=config.sam_variant,
                                   beit_image_size=config.beit_image_size, max_text_length=config.max_text_length,
-                                  tokenizer=config.tokenizer)
+                                  tokenizer=config.tokenizer, sam_resize=config.sam_resize)
         self._topology = (rank, world_size)
         self.rank: int | None = None
         self.world_size: int | None = None

@@ -98,8 +98,29 @@ def data_config(cfg: RunConfig, model_cfg):
         beit_image_size=model_cfg.beit3.image_size, max_text_length=d.max_text_length, seed=cfg.seed,
         mixing=d.mixing, samples_per_epoch=d.samples_per_epoch or None, shuffle_buffer=d.shuffle_buffer,
         shuffle_shards=d.shuffle_shards, eval_batch_size=d.val_batch_size, strict=d.strict,
-        embedding_cache=d.embedding_cache,
+        embedding_cache=d.embedding_cache, sam_resize=resolve_sam_resize(cfg),
     )
+
+
+def resolve_sam_resize(cfg: RunConfig) -> str:
+    """`data.sam_resize=auto`: "device" when the run trains on a GPU and the installed Pillow's
+    resize is reproduced there (`pillow_resize.device_resize_available`), else "worker". On a CPU
+    the workers' Pillow (SIMD) is the faster of the two."""
+    import torch
+
+    from evfsam_lightning.data.pillow_resize import device_resize_available
+
+    choice = cfg.data.sam_resize
+    if choice == "auto":
+        accelerator = cfg.trainer.accelerator
+        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+        choice = "device" if gpu else "worker"
+    if choice == "device" and not device_resize_available():
+        if cfg.data.sam_resize == "device":
+            raise ConfigError("data.sam_resize=device: the installed Pillow resizes differently from "
+                              "pillow_resize's implementation; use data.sam_resize=worker")
+        return "worker"
+    return choice
 
 
 def resolve_pretrained(cfg: RunConfig) -> RunConfig:
@@ -206,6 +227,25 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     )
 
 
+def check_embedding_cache(data) -> None:
+    """A missing, stale or mismatched `data.embedding_cache` stops the run before any work, saying
+    why (the image-encoder fingerprint is checked once the model is built, in the module's setup)."""
+    from evfsam_lightning.data.embedding_cache import (
+        EmbeddingCache,
+        EmbeddingCacheError,
+        preprocessing_fingerprint,
+    )
+    from evfsam_lightning.data.stream import expand_urls
+
+    if not data.embedding_cache:
+        return
+    try:
+        EmbeddingCache(data.embedding_cache, {s.name: expand_urls(s.urls) for s in data.sources},
+                       preprocessing_fingerprint(data.sam_variant, data.sam_image_size))
+    except EmbeddingCacheError as e:
+        raise ConfigError(f"data.embedding_cache: {e}") from None
+
+
 def train(cfg: RunConfig) -> L.Trainer:
     """Run (or resume) training; returns the trainer after fit."""
     from evfsam_lightning.data.datamodule import EvfDataModule
@@ -216,6 +256,7 @@ def train(cfg: RunConfig) -> L.Trainer:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     datamodule = EvfDataModule(data_config(cfg, model_size(cfg.model)))
     cfg = resolve_epochs(cfg, datamodule.config)
+    check_embedding_cache(datamodule.config)
     config_dict = _as_dict(cfg)
     module = EvfSamModule(config_dict, val_sources=[s.name for s in datamodule.config.val_sources],
                           tokenizer_dir=datamodule.config.tokenizer)
