@@ -1,7 +1,11 @@
-"""Shared test fixtures: paths to the parity fixtures, a tiny tokenizer, a tiny model."""
+"""Shared test fixtures: paths to the parity fixtures, a tiny tokenizer, a tiny model, the README's
+quickstart run."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +43,26 @@ def tiny_model():
 
     torch.manual_seed(0)
     return build_model("tiny")
+
+
+def readme_setup_commands() -> list[str]:
+    """The bash blocks of the README's "Set up" section: install-and-train, then the tests."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> tuple[Path, str]:
+    """The README's main command as a reader runs it (install step skipped: the package is
+    installed), in a fresh folder; returns (that folder, the run's stdout). Trained once per session:
+    the README test checks it, the fine-tuning doc test starts from it as the "released" model."""
+    main = readme_setup_commands()[0].split("&&")[-1].strip()
+    assert main.startswith("evfsam-train recipes/quickstart.yaml"), main
+    folder = tmp_path_factory.mktemp("quickstart")
+    (folder / "recipes").symlink_to(REPO / "recipes")
+    command = main.replace("evfsam-train", f"{sys.executable} -m evfsam_lightning.cli.train", 1)
+    result = subprocess.run(command + " logging.progress_bar=false", shell=True, cwd=folder,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return folder, result.stdout

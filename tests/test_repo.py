@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, readme_setup_commands
 
 
 def test_ruff_clean():
@@ -21,35 +21,23 @@ def test_ruff_clean():
     assert result.returncode == 0, result.stdout
 
 
-def _readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
-    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
-
-
 def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
-    commands = _readme_commands()
+    commands = readme_setup_commands()
     assert len(commands) == 2
     ci = (REPO / ".ci" / "run").read_text()
     assert commands[1] in ci
 
 
 @pytest.mark.slow
-def test_readme_main_command_trains_a_model_that_reads_the_text(tmp_path):
-    """The quickstart as the README runs it (install step skipped: the package is installed):
+def test_readme_main_command_trains_a_model_that_reads_the_text(quickstart_run):
+    """The quickstart as the README runs it (the `quickstart_run` fixture runs the command):
     validation gIoU >= 0.6, and at most half of that with the expressions shuffled among the objects
     of each image."""
-    main = _readme_commands()[0].split("&&")[-1].strip()
-    assert main.startswith("evfsam-train recipes/quickstart.yaml")
-    (tmp_path / "recipes").symlink_to(REPO / "recipes")
-    command = main.replace("evfsam-train", f"{sys.executable} -m evfsam_lightning.cli.train", 1)
-    result = subprocess.run(command + " logging.progress_bar=false", shell=True, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "tensorboard --logdir" in result.stdout and "checkpoints:" in result.stdout
-    giou = float(re.search(r"val/giou: ([0-9.]+)", result.stdout).group(1))
-    assert giou >= 0.6, result.stdout
-    ckpt = re.search(r"last checkpoint: (\S+)", result.stdout).group(1)
+    tmp_path, stdout = quickstart_run
+    assert "tensorboard --logdir" in stdout and "checkpoints:" in stdout
+    giou = float(re.search(r"val/giou: ([0-9.]+)", stdout).group(1))
+    assert giou >= 0.6, stdout
+    ckpt = re.search(r"last checkpoint: (\S+)", stdout).group(1)
     out = tmp_path / "shuffled.json"
     subprocess.run([sys.executable, "-m", "evfsam_lightning.cli.evaluate", "--checkpoint", ckpt, "--data",
                     "data/synthetic/val", "--shuffle-expressions", "--workers", "0", "--accelerator", "cpu",
