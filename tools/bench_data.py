@@ -2,13 +2,15 @@
 
     PYTHONPATH=. python tools/bench_data.py [--images 96] [--workers 2] [--batch-size 2]
                                             [--image-size 1024] [--batches 40] [--repeats 3] [--work DIR]
+                                            [--finish none|cpu|cuda] [--sam-resize worker|device]
 
 Writes synthetic COCO-like samples once (640x480 JPEG, 1-4 mask PNGs and a JSON record each),
 both as a folder of files and as WebDataset shards, then times, alternating A/B `--repeats` times,
   stream: `EvfDataModule`'s training loader (tar reading, shuffle of bytes, decode, uint8 SAM
-          resize, BEiT-3 preprocessing, tokenisation, collation) followed, in the consuming
-          process, by `on_after_batch_transfer` (the float conversion and normalisation that run
-          on the GPU in training; here on the CPU, so its cost is counted), and
+          resize (`--sam-resize worker`; with `device` the decoded image travels and the resize
+          is part of the finish), BEiT-3 preprocessing, tokenisation, collation) followed, in the
+          consuming process, by `on_after_batch_transfer` (`--finish`: the work that runs on the GPU
+          in training: resize with `device`, float conversion and normalisation), and
   files:  a naive reader: a map-style Dataset that opens each image and mask PNG from the folder
           with PIL, picks objects the same way and runs the whole exact float preprocessing
           (`transforms.sam_preprocess` / `sam2_preprocess`, `beit3_preprocess`) in its workers,
@@ -20,6 +22,7 @@ Both produce bit-identical model inputs and count images per second after their 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -137,6 +140,8 @@ def main() -> None:
                    help="where the stream's uint8 -> float finish runs, counted in its time: cpu (in the "
                         "consuming process, what a CPU-only run pays), cuda (after moving the batch to the "
                         "GPU, as in GPU training), none (not run)")
+    p.add_argument("--sam-resize", choices=("worker", "device"), default="worker",
+                   help="where the stream's SAM-1 resize runs (data.sam_resize): worker, or device (in the finish)")
     p.add_argument("--work", type=Path)
     args = p.parse_args()
     if args.batches + 1 > args.images // args.batch_size:
@@ -148,10 +153,10 @@ def main() -> None:
                                     root / "tokenizer"))
     cfg = DataConfig(sources=[SourceConfig("synthetic", str(root / "shards"))], tokenizer=tokenizer,
                      batch_size=args.batch_size, num_workers=args.workers, sam_image_size=args.image_size,
-                     samples_per_epoch=10 ** 6, shuffle_buffer=64)
+                     samples_per_epoch=10 ** 6, shuffle_buffer=64, sam_resize=args.sam_resize)
     workers = max(1, args.workers)
     print(f"machine: {os.cpu_count()} CPUs; {args.workers} workers; batch {args.batch_size}; "
-          f"SAM {args.image_size} px; 640x480 JPEG sources; stream finish: {args.finish}")
+          f"SAM {args.image_size} px; 640x480 JPEG sources; stream resize: {args.sam_resize}, finish: {args.finish}")
     rates: dict[str, list[float]] = {"stream": [], "files": []}
     for r in range(args.repeats):
         dm = EvfDataModule(cfg)
@@ -168,8 +173,9 @@ def main() -> None:
             return batch
 
         stream_s, stream_n = timed(dm.train_dataloader(), args.batches, finish)
-        files = DataLoader(FolderDataset(root / "files", dm.prep), batch_size=args.batch_size, shuffle=True,
-                           num_workers=args.workers, collate_fn=partial(naive_collate, prep=dm.prep))
+        prep = dataclasses.replace(dm.prep, sam_resize="worker")  # the naive reader resizes in its workers
+        files = DataLoader(FolderDataset(root / "files", prep), batch_size=args.batch_size, shuffle=True,
+                           num_workers=args.workers, collate_fn=partial(naive_collate, prep=prep))
         def to_device(batch):  # the naive reader's (float) batches travel to the GPU too
             if args.finish != "cuda":
                 return batch
@@ -182,7 +188,7 @@ def main() -> None:
             rates[name].append(n / s)
             print(f"round {r + 1} {name:<7} {n / s:7.1f} images/s  {n / s / workers:7.1f} per worker  "
                   f"({n} images in {s:.1f} s)")
-    for name, label in (("stream", f"stream (shards, uint8, finish {args.finish})"),
+    for name, label in (("stream", f"stream (resize {args.sam_resize}, finish {args.finish})"),
                         ("files", "files (PIL per file, float in workers)")):
         v = sorted(rates[name])
         print(f"{label:<40} median {v[len(v) // 2]:7.1f} images/s, range {v[0]:.1f}-{v[-1]:.1f}")

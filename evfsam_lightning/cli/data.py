@@ -28,6 +28,7 @@ would see), or a YAML file with a `data:` section whose keys are the fields of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -134,7 +135,8 @@ def _data_config(path: str, overrides: Sequence[str]) -> DataConfig:
 
     try:
         cfg = resolve_pretrained(load(path, overrides))
-        return data_config(cfg, model_size(cfg.model))
+        # the images themselves, not an embedding cache's features (which may not be built yet)
+        return dataclasses.replace(data_config(cfg, model_size(cfg.model)), embedding_cache=None)
     except ConfigError as e:
         raise SystemExit(f"evfsam-data: config error: {e}") from None
 

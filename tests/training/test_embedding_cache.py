@@ -133,3 +133,14 @@ def test_sam2_cache_holds_every_image_feature_and_gives_the_live_loss(synthetic_
             torch.testing.assert_close(cached_features[name], value, rtol=2 ** -8, atol=1e-5)
         losses = [module.forward_losses(b, f)[2]["loss"] for b, f in ((live, live_features), (cached, cached_features))]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-4)
+
+
+def test_data_inspect_shows_the_images_even_before_the_cache_exists(synthetic_dir, tmp_path, capsys):
+    """`evfsam-data inspect` on a recipe that trains from a cache reads the images (the doc runs
+    it before `evfsam-cache-embeddings`)."""
+    from evfsam_lightning.cli.data import main as data_main
+
+    grid = tmp_path / "grid.png"
+    assert data_main(["inspect", str(QUICKSTART), *_overrides(synthetic_dir, f"data.embedding_cache={tmp_path / 'none'}"),
+                      "--samples", "4", "--grid", str(grid)]) == 0
+    assert grid.is_file() and "synthetic" in capsys.readouterr().out
