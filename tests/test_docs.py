@@ -153,8 +153,9 @@ def test_finetune_doc_runs_as_written_and_fine_tuning_helps(tmp_path, monkeypatc
     torch.testing.assert_close(exported.eval().predict(image, text, tokenizer),
                                trained.predict(image, text, tokenizer), atol=1e-5, rtol=0)
     # Fine-tuning taught the model the reader's words: clearly better than the release on the
-    # validation images (the release sits near the text-blind guesses: about 35-45 on both).
-    assert after["ciou"] >= before["ciou"] + 5 and after["giou"] >= before["giou"] + 5, (before, after)
+    # validation images, by 5 points of each (fractions here; the release scores about 0.46 gIoU /
+    # 0.37 cIoU there, close to the text-blind guesses, and the fine-tuned model about 0.56 / 0.48).
+    assert after["ciou"] >= before["ciou"] + 0.05 and after["giou"] >= before["giou"] + 0.05, (before, after)
     # The default recipe trained on the embedding cache, not on live encoder features.
     config = (tmp_path / "runs" / "finetune_custom" / "config.yaml").read_text()
     assert "embedding_cache: data/cache/mine" in config, config

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from evfsam_lightning.config import ConfigError, RunConfig, to_yaml
@@ -204,6 +204,8 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         ProcessLayout(),
         *extra_callbacks,
     ]
+    if cfg.logging.progress_bar:  # refreshed (and the loss read from the device) once per log interval
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
     if cfg.logging.tensorboard:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.checkpoint.keep_top_k > 0 and (cfg.data.val or cfg.data.synthetic is not None):
