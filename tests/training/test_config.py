@@ -9,6 +9,7 @@ import pytest
 from evfsam_lightning.config import ConfigError, help_text, load
 from evfsam_lightning.models.builders import build_model, model_config
 from tests.conftest import REPO
+from tests.training.conftest import QUICKSTART
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -108,3 +109,13 @@ def test_epochs_become_steps_from_the_shard_sizes(tmp_path):
     cfg = load(REPO / "recipes" / "finetune_custom.yaml")
     cfg = resolve_epochs(cfg, DataConfig(sources=[SourceConfig("a", [str(tmp_path / "a-{000000..000001}.tar")])]))
     assert (cfg.trainer.max_steps, cfg.trainer.val_every_n_steps) == (125, 6)  # 100 images / 16 x 20, x 1
+
+
+def test_sam_resize_auto_keeps_the_workers_resize_on_a_cpu_run():
+    from evfsam_lightning.training.run import resolve_sam_resize
+
+    base = ["data.synthetic.dir=unused", "trainer.accelerator=cpu"]
+    assert resolve_sam_resize(load(QUICKSTART, base)) == "worker"  # the quickstart's auto, on a CPU
+    assert resolve_sam_resize(load(QUICKSTART, [*base, "data.sam_resize=device"])) == "device"
+    with pytest.raises(ConfigError, match="data.sam_resize"):
+        load(QUICKSTART, [*base, "data.sam_resize=gpu"])
