@@ -48,6 +48,8 @@ class ModelConfig:
     freeze: list[str] = doc(help="extra parameter-name prefixes to freeze", factory=list)
     unfreeze: list[str] = doc(help="parameter-name prefixes to train although the mode freezes them", factory=list)
     activation_checkpointing: bool = doc(False, "recompute BEiT-3 (and in full mode SAM) layers in backward")
+    compile: bool = doc(False, "torch.compile the SAM image encoder and each BEiT-3 layer (in place: "
+                               "checkpoint keys unchanged); the first steps compile")
     lora: LoraConfig = doc(help="parameter-efficient fine-tuning (exported merged into plain weights)",
                            factory=LoraConfig)
 

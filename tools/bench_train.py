@@ -3,7 +3,7 @@ achieved TFLOP/s, MFU and peak memory; and, with `--compare-plain`, Lightning's 
 minimal hand-written PyTorch loop on the same model and data.
 
     PYTHONPATH=. python tools/bench_train.py [--size tiny] [--mode frozen|full|cached]
-        [--activation-checkpointing] [--precision 32|bf16-mixed] [--micro-batch 8] [--steps 30]
+        [--activation-checkpointing] [--compile] [--precision 32|bf16-mixed] [--micro-batch 8] [--steps 30]
         [--warmup 5] [--repeats 3] [--compare-plain] [--json OUT]
 
 Weights are random (nothing is downloaded). Batches are synthetic and in memory, in the batch-dict
@@ -54,6 +54,7 @@ def run_config(args) -> dict:
     cfg = load(None, [
         "data.synthetic.dir=unused", f"model.size={args.size}", f"model.mode={MODES[args.mode]}",
         f"model.activation_checkpointing={str(args.activation_checkpointing).lower()}",
+        f"model.compile={str(args.compile).lower()}",
         f"trainer.precision={args.precision}", f"trainer.micro_batch_size={args.micro_batch}",
         f"trainer.global_batch_size={args.micro_batch}", f"trainer.max_steps={args.warmup + args.steps}",
         "trainer.log_every_n_steps=10", "optim.lr=1e-5", "optim.warmup_steps=0", "optim.grad_clip=1.0",
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", help="named model size (default: tiny on the CPU, evf-sam on a GPU)")
     p.add_argument("--mode", choices=sorted(MODES), default="frozen")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="model.compile=true (torch.compile; warm-up steps compile)")
     p.add_argument("--precision", choices=("32", "bf16-mixed"), default=None,
                    help="default: 32 on the CPU, bf16-mixed on a GPU")
     p.add_argument("--micro-batch", type=int, default=8, help="images per step")
@@ -318,12 +320,14 @@ def main(argv: list[str] | None = None) -> dict:
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     result = {
         "device": name, "size": args.size, "mode": args.mode, "activation_checkpointing": args.activation_checkpointing,
+        "compile": args.compile,
         "precision": args.precision, "micro_batch": args.micro_batch, "expressions_per_image": args.expressions_per_image,
         "step_s": runs["lightning"], "samples_per_s": args.micro_batch / step, "flops_per_step": flops,
         "achieved_tflops": flops / step / 1e12, "matmul_peak_tflops": peak / 1e12, "mfu": flops / step / peak,
         "peak_memory_gib": memory["lightning"], "memory_kind": "max_memory_allocated" if device == "cuda" else "peak RSS",
     }
-    print(f"{name}: {args.size}, mode {args.mode}{' + activation checkpointing' if args.activation_checkpointing else ''}, "
+    print(f"{name}: {args.size}, mode {args.mode}{' + activation checkpointing' if args.activation_checkpointing else ''}"
+          f"{' + torch.compile' if args.compile else ''}, "
           f"{args.precision}, micro-batch {args.micro_batch} x {args.expressions_per_image} expressions")
     print(f"  Lightning step     wall {lightning_text}; CPU {summary(runs['lightning'], 'cpu')[1]}  "
           f"({args.repeats} runs of {args.steps} steps)")

@@ -40,6 +40,16 @@ def model_size(m: ModelConfig):
     return model_config(dict(m.dims)) if m.size == "custom" else model_config(m.size)
 
 
+def compile_model(model) -> None:
+    """`torch.compile` the compute-heavy blocks in place (`nn.Module.compile`, so parameter names and
+    checkpoint keys stay as they are): the SAM image encoder as one graph (fixed input size) and
+    each BEiT-3 layer (the sequence length varies with the expressions; one layer's graph serves all
+    layers)."""
+    model.visual_model.vision_encoder.compile()
+    for layer in model.beit3.encoder.layers:
+        layer.compile()
+
+
 def add_configured_lora(model, cfg: RunConfig):
     """LoRA layers as the run config asks (none when model.lora.rank is 0)."""
     lora = cfg.model.lora
@@ -105,6 +115,9 @@ class EvfSamModule(L.LightningModule):
 
             shard_model(self.model, self.device_mesh, self.cfg.trainer.precision)
             self._sharded = True
+        if self.cfg.model.compile and not getattr(self, "_compiled", False):
+            compile_model(self.model)
+            self._compiled = True
 
     def on_fit_start(self) -> None:
         from evfsam_lightning.training.strategies import register_zero3_external_parameters, zero_stage
