@@ -172,19 +172,17 @@ def finish_batch(batch: dict[str, Any]) -> dict[str, Any]:
     `transforms.sam_preprocess`. A batch without uint8 images is returned as it is."""
     if isinstance(batch, dict) and "sam_images_uint8" in batch:  # resize here (sam_resize="device")
         batch["sam_pixels_uint8"] = resize_to_canvas(batch.pop("sam_images_uint8"), batch.pop("sam_resize_sizes"),
-                                                     batch.pop("sam_image_size"))
+                                                     batch.pop("sam_image_size"), batch["resize_hw"].device)
     if isinstance(batch, dict) and "sam_pixels_uint8" in batch:
         batch["sam_pixel_values"] = normalise_sam_pixels(batch.pop("sam_pixels_uint8"), batch["resize_hw"])
     return batch
 
 
-def resize_to_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], size: int) -> torch.Tensor:
-    """Decoded uint8 (H, W, 3) images -> the (B, S, S, 3) uint8 canvases of
-    `transforms.sam_resize_uint8`, computed on the images' device (sizes are host integers: no
-    synchronisation)."""
-    if not images:
-        return torch.zeros(0, size, size, 3, dtype=torch.uint8)
-    canvas = torch.zeros(len(images), size, size, 3, dtype=torch.uint8, device=images[0].device)
+def resize_to_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], size: int,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decoded uint8 (H, W, 3) images (on `device`) -> the (B, S, S, 3) uint8 canvases of
+    `transforms.sam_resize_uint8`, computed there (sizes are host integers: no synchronisation)."""
+    canvas = torch.zeros(len(images), size, size, 3, dtype=torch.uint8, device=device)
     for i, (image, (h, w)) in enumerate(zip(images, sizes, strict=True)):
         canvas[i, :h, :w] = resize_bilinear(image, h, w)
     return canvas

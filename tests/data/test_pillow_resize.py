@@ -89,3 +89,11 @@ def test_unknown_resize_place_is_named(tokenizer_dir, three_sources):
     root, _ = three_sources
     with pytest.raises(ValueError, match="data.sam_resize 'gpu'"):
         config(tokenizer_dir, root, sam_resize="gpu").validate()
+
+
+def test_a_batch_without_images_is_finished_too():
+    from evfsam_lightning.data.batching import finish_batch
+
+    batch = finish_batch({"sam_images_uint8": [], "sam_resize_sizes": [], "sam_image_size": 64,
+                          "resize_hw": torch.zeros(0, 2, dtype=torch.long)})
+    assert batch["sam_pixel_values"].shape == (0, 3, 64, 64) and set(batch) == {"sam_pixel_values", "resize_hw"}
