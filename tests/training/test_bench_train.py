@@ -19,7 +19,7 @@ def bench():
 
 
 def _flops(bench, mode: str, **extra) -> int:
-    args = bench.argparse.Namespace(size="tiny", mode=mode, activation_checkpointing=False, precision="32",
+    args = bench.argparse.Namespace(size="tiny", mode=mode, activation_checkpointing=False, compile=False, precision="32",
                                     micro_batch=2, expressions_per_image=2, text_length=8, original_hw=None,
                                     steps=1, warmup=0, seed=0, **extra)
     cfg = bench.run_config(args)
