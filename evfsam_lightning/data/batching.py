@@ -56,7 +56,7 @@ from .pillow_resize import resize_bilinear
 from .schema import Sample, SampleError
 from .stream import DataError, SkipLog, SourceReader, decode, iter_shard
 from .tokenizer import load_tokenizer, tokenize
-from .transforms import beit3_preprocess, normalise_sam_pixels, sam_input_uint8, sam_resize_hw
+from .transforms import beit3_preprocess, normalise_sam_pixels, sam_input_hw, sam_input_uint8
 
 SAM_VARIANTS = ("sam", "sam2")
 SAM_RESIZE_PLACES = ("worker", "device")
@@ -112,14 +112,12 @@ def make_example(sample: Sample, image: np.ndarray, picks: Sequence[tuple[int, i
     """One image's preprocessed inputs and the chosen (mask, expression) pairs. `source` is the
     configured source name (what logs and per-source metrics use), not the record's. With
     `image_features` (from an embedding cache) the SAM image is not prepared at all."""
-    if image_features is None and prep.resize_on_device:
-        sam = torch.from_numpy(image if image.flags.writeable else np.array(image))  # resized in finish_batch
-        resize_hw = sam_resize_hw(sample.height, sample.width, prep.sam_image_size)
-    elif image_features is None:
+    if image_features is None and not prep.resize_on_device:
         sam, resize_hw = sam_input_uint8(image, prep.sam_variant, prep.sam_image_size)
-    else:
-        s = prep.sam_image_size
-        sam, resize_hw = None, sam_resize_hw(sample.height, sample.width, s) if prep.sam_variant == "sam" else (s, s)
+    else:  # cached features (no SAM image), or the decoded image, resized in finish_batch
+        sam = None if image_features is not None else \
+            torch.from_numpy(image if image.flags.writeable else np.array(image))
+        resize_hw = sam_input_hw(sample.height, sample.width, prep.sam_variant, prep.sam_image_size)
     masks = np.stack([sample.objects[i].mask for i, _ in picks])
     return {
         "sam": sam, "image_features": image_features, "beit": beit3_preprocess(image, prep.beit_image_size),

@@ -60,14 +60,20 @@ def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return first, fixed
 
 
+@lru_cache(maxsize=256)
+def _tap_tensors(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bilinear_taps` as torch tensors: the input index of every (output pixel, tap), flattened
+    and clamped inside the axis (the weights past a window are zero), and the weights."""
+    first, fixed = bilinear_taps(in_size, out_size)
+    index = np.minimum(first[:, None] + np.arange(fixed.shape[1]), in_size - 1).reshape(-1)
+    return torch.from_numpy(index), torch.from_numpy(fixed)
+
+
 def _pass(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
     """Resample int64 (H, W, C) `x` along `dim` (0: vertical, 1: horizontal) to `out_size`; the
     result holds uint8 values (still int64)."""
-    first, fixed = bilinear_taps(x.shape[dim], out_size)
-    taps = fixed.shape[1]
-    index = torch.from_numpy(np.minimum(first[:, None] + np.arange(taps), x.shape[dim] - 1).reshape(-1))
-    index = index.to(x.device)
-    weights = torch.from_numpy(fixed).to(x.device)
+    index, weights = (t.to(x.device) for t in _tap_tensors(x.shape[dim], out_size))
+    taps = weights.shape[1]
     other = 1 - dim
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // (out_size * taps * x.shape[2]))
     out = []

@@ -89,6 +89,12 @@ def sam2_preprocess(image: np.ndarray, image_size: int = 1024) -> tuple[torch.Te
     return _normalise_sam(sam2_resize(image, image_size).permute(1, 2, 0).numpy()), (image_size, image_size)
 
 
+def sam_input_hw(height: int, width: int, variant: str, image_size: int = 1024) -> tuple[int, int]:
+    """The valid (h', w') of either family's SAM input for an (H, W) image: `sam_resize_hw` for
+    SAM-1, all of S x S for SAM-2 (its resize does not keep the aspect ratio)."""
+    return sam_resize_hw(height, width, image_size) if variant == "sam" else (image_size, image_size)
+
+
 def sam_input_uint8(image: np.ndarray, variant: str, image_size: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
     """The uint8 SAM input of either family, (S, S, 3) and the valid (h', w'): `sam_resize_uint8`
     for SAM-1, `sam2_resize` (all of S x S valid) for SAM-2. `normalise_sam_pixels` finishes it."""
