@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -52,13 +51,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
     from evfsam_lightning.training.evaluation import EvalModule
-    from evfsam_lightning.training.loading import load_for_inference, write_tokenizer
+    from evfsam_lightning.training.loading import load_for_inference, tokenizer_folder
 
     splits = parse_data(args.data)
     model, tokenizer = load_for_inference(args.checkpoint)
     cfg = model.config
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = write_tokenizer(tokenizer.evfsam_files, Path(tmp) / "tokenizer")
+    with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
         data = DataConfig(test_sources=[SourceConfig(n, u) for n, u in splits], tokenizer=str(tok_dir),
                           batch_size=args.batch_size, num_workers=args.workers, sam_image_size=cfg.sam.image_size,
                           sam_variant=cfg.family, beit_image_size=cfg.beit3.image_size)

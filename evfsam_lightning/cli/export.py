@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
@@ -35,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from evfsam_lightning.models.checkpoints import export_reference
     from evfsam_lightning.models.lora import merge_lora
-    from evfsam_lightning.training.loading import consolidate, is_sharded, load_for_inference, write_tokenizer
+    from evfsam_lightning.training.loading import (
+        consolidate,
+        is_sharded,
+        load_for_inference,
+        tokenizer_folder,
+    )
 
     if args.consolidate_only:
         if not is_sharded(args.checkpoint):
@@ -46,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     merged = merge_lora(model)
     if merged:
         print(f"merged the LoRA updates of {merged} layers into their weights")
-    with tempfile.TemporaryDirectory() as tmp:
-        tok_dir = write_tokenizer(tokenizer.evfsam_files, Path(tmp) / "tokenizer")
+    with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
         out = export_reference(model, args.out, tokenizer_dir=tok_dir, dtype=getattr(torch, _DTYPES[args.dtype]))
     print(f"exported -> {out}")
     return 0

@@ -41,7 +41,6 @@ class EvalModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, sources: list[str], shuffle_expressions: bool = False):
         super().__init__()
         self.model = model
-        self.sources = {name: i for i, name in enumerate(sources)}
         self.metric = ReferringIoU(sources)
         self.shuffle = shuffle_expressions
         self.results: dict | None = None

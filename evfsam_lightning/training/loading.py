@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +39,14 @@ def write_tokenizer(files: dict[str, bytes], folder: str | os.PathLike) -> Path:
             raise ck.CheckpointError(f"unexpected tokenizer file name {name!r} in checkpoint")
         (folder / name).write_bytes(data)
     return folder
+
+
+@contextmanager
+def tokenizer_folder(files: dict[str, bytes]):
+    """Tokenizer files (as checkpoints and loaded tokenizers carry them) written to a temporary
+    folder for the duration of the block: what the data pipeline and the exporter read."""
+    with tempfile.TemporaryDirectory(prefix="evfsam-tokenizer-") as tmp:
+        yield write_tokenizer(files, tmp)
 
 
 def is_sharded(path: str | os.PathLike) -> str | None:
@@ -115,11 +123,8 @@ def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device
         ck.load_into(model, state, source=str(path))
     if TOKENIZER_KEY not in ckpt:
         raise ck.CheckpointError(f"{path} carries no tokenizer files")
-    tok_dir = Path(tempfile.mkdtemp(prefix="evfsam-tokenizer-"))
-    try:
-        tokenizer = load_tokenizer(write_tokenizer(ckpt[TOKENIZER_KEY], tok_dir))
-    finally:
-        shutil.rmtree(tok_dir, ignore_errors=True)
+    with tokenizer_folder(ckpt[TOKENIZER_KEY]) as tok_dir:
+        tokenizer = load_tokenizer(tok_dir)
     tokenizer.evfsam_files = ckpt[TOKENIZER_KEY]
     return model.to(device).eval(), tokenizer, cfg
 

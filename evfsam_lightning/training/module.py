@@ -22,7 +22,6 @@ from evfsam_lightning.training.optim import build_optimizer, lr_lambda, paramete
 from evfsam_lightning.training.trainable import apply_trainable, fully_frozen_modules
 
 log = logging.getLogger(__name__)
-OTHER_SOURCE = "other"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,8 +89,7 @@ class EvfSamModule(L.LightningModule):
         split = apply_trainable(self.model, self.family, m.mode, m.freeze, m.unfreeze, lora=m.lora.rank > 0)
         self.frozen_names = set(split["frozen"])
         sources = list(val_sources if val_sources is not None else [s.name for s in self.cfg.data.val])
-        self.source_ids = {name: i for i, name in enumerate(sources + [OTHER_SOURCE])}
-        self.val_iou = ReferringIoU(list(self.source_ids))
+        self.val_iou = ReferringIoU(sources)  # indexed by validation loader (see validation_step)
         self.nonfinite_steps = 0
         self._nonfinite_run = 0
         self._skip_update = False
