@@ -51,7 +51,7 @@ class Job:
 
 def slurm_time_seconds(text: str) -> int:
     """Seconds of a SLURM time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
-    days, _, clock = text.rpartition("-") if "-" in text else ("", "", text)
+    days, _, clock = text.rpartition("-")  # no "-": days == ""
     parts = clock.split(":")
     if not all(p.isdigit() for p in parts) or (days and not days.isdigit()) or len(parts) > 3:
         raise LaunchError(f"--time {text!r} is not a SLURM time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S)")
