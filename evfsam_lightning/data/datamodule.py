@@ -210,7 +210,11 @@ class EvfDataModule(L.LightningDataModule):
         self.data_stats_total: Counter[str] = Counter()
         """Skip counts of the training batches consumed on this rank (kept in the data state)."""
         self._train: list[TrainSource] | None = None
-        self._embedding_cache: EmbeddingCache | None = None
+        # Opened (and checked against the sources and preprocessing) here, so that a missing or
+        # stale cache fails before any training work.
+        self._embedding_cache: EmbeddingCache | None = None if not config.embedding_cache else EmbeddingCache(
+            config.embedding_cache, {s.name: expand_urls(s.urls) for s in config.sources},
+            preprocessing_fingerprint(config.sam_variant, config.sam_image_size))
         self._batches_per_epoch: int | None = None
         self._eval_sizes: dict[str, tuple[list[str], list[int]]] = {}
         self._pending_state: dict[str, Any] | None = None
@@ -260,10 +264,6 @@ class EvfDataModule(L.LightningDataModule):
             raise ValueError(f"an epoch of {samples} samples is less than one batch on every rank "
                              f"({cfg.batch_size} x {self.world_size})")
         self._train, self._batches_per_epoch = train, samples // per_step
-        if cfg.embedding_cache:
-            self._embedding_cache = EmbeddingCache(
-                cfg.embedding_cache, {s.name: s.urls for s in train},
-                preprocessing_fingerprint(cfg.sam_variant, cfg.sam_image_size))
 
     @property
     def batches_per_epoch(self) -> int:

@@ -229,36 +229,20 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     )
 
 
-def check_embedding_cache(data) -> None:
-    """A missing, stale or mismatched `data.embedding_cache` stops the run before any work, saying
-    why (the image-encoder fingerprint is checked once the model is built, in the module's setup)."""
-    from evfsam_lightning.data.embedding_cache import (
-        EmbeddingCache,
-        EmbeddingCacheError,
-        preprocessing_fingerprint,
-    )
-    from evfsam_lightning.data.stream import expand_urls
-
-    if not data.embedding_cache:
-        return
-    try:
-        EmbeddingCache(data.embedding_cache, {s.name: expand_urls(s.urls) for s in data.sources},
-                       preprocessing_fingerprint(data.sam_variant, data.sam_image_size))
-    except EmbeddingCacheError as e:
-        raise ConfigError(f"data.embedding_cache: {e}") from None
-
-
 def train(cfg: RunConfig) -> L.Trainer:
     """Run (or resume) training; returns the trainer after fit."""
     from evfsam_lightning.data.datamodule import EvfDataModule
+    from evfsam_lightning.data.embedding_cache import EmbeddingCacheError
     from evfsam_lightning.training.module import EvfSamModule, model_size
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cfg = resolve_precision(resolve_pretrained(cfg))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    datamodule = EvfDataModule(data_config(cfg, model_size(cfg.model)))
+    try:  # the datamodule opens the embedding cache: a missing or stale one stops the run here
+        datamodule = EvfDataModule(data_config(cfg, model_size(cfg.model)))
+    except EmbeddingCacheError as e:
+        raise ConfigError(f"data.embedding_cache: {e}") from None
     cfg = resolve_epochs(cfg, datamodule.config)
-    check_embedding_cache(datamodule.config)
     config_dict = _as_dict(cfg)
     module = EvfSamModule(config_dict, val_sources=[s.name for s in datamodule.config.val_sources],
                           tokenizer_dir=datamodule.config.tokenizer)
