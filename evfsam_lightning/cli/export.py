@@ -2,6 +2,7 @@
 
     evfsam-export --checkpoint runs/quickstart/checkpoints/step-00002000.ckpt --out exported/quickstart
     evfsam-export --checkpoint runs/big/checkpoints/step-00010000.ckpt --consolidate-only --out full.ckpt
+    evfsam-export --checkpoint exported/quickstart --format onnx --out exported/quickstart-onnx
 
 The exported folder (config.json, model.safetensors under the official key names, tokenizer files)
 loads in the reference inference code and in `evfsam-predict` / `evfsam-eval`. DeepSpeed and FSDP
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the exported weights")
     p.add_argument("--consolidate-only", action="store_true", help="sharded checkpoint -> one .ckpt file")
+    p.add_argument("--format", default="official", choices=["official", "onnx"],
+                   help="official: the EVF-SAM folder layout; onnx: image_encoder.onnx + text_decoder.onnx "
+                        "with the tokenizer, for evfsam_lightning.deploy.onnx.OnnxPredictor (float32)")
     args = p.parse_args(argv)
 
     import torch
@@ -45,13 +49,34 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{args.checkpoint} is not a DeepSpeed or FSDP checkpoint directory")
         print(f"consolidated -> {consolidate(args.checkpoint, args.out)}")
         return 0
+    if args.format == "onnx":
+        from evfsam_lightning.config import ConfigError
+        from evfsam_lightning.deploy.onnx import check_export_available
+
+        try:
+            check_export_available()
+        except ConfigError as e:
+            print(f"evfsam-export: error: {e}", file=sys.stderr)
+            return 2
     model, tokenizer = load_for_inference(args.checkpoint)
     merged = merge_lora(model)
     if merged:
         print(f"merged the LoRA updates of {merged} layers into their weights")
+    if args.format == "onnx":
+        return _export_onnx(model, tokenizer, args.out)
     with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
         out = export_reference(model, args.out, tokenizer_dir=tok_dir, dtype=getattr(torch, _DTYPES[args.dtype]))
     print(f"exported -> {out}")
+    return 0
+
+
+def _export_onnx(model, tokenizer, out: str) -> int:
+    from evfsam_lightning.deploy.onnx import export_onnx
+    from evfsam_lightning.training.loading import tokenizer_folder
+
+    with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
+        folder = export_onnx(model, out, tokenizer_dir=tok_dir)
+    print(f"exported ONNX -> {folder}")
     return 0
 
 

@@ -43,6 +43,13 @@ def _require(module: str, extra: str = "onnx"):
         raise ConfigError(f"ONNX export/inference needs `{module}`: pip install -e \".[{extra}]\"") from e
 
 
+def check_export_available() -> None:
+    """Raise a `ConfigError` naming the extra when the exporter's packages are missing (before a
+    model is loaded)."""
+    _require("onnx")
+    _require("onnxscript")
+
+
 class ImageEncoderGraph(nn.Module):
     """The SAM image encoder, features returned as a tuple in `image_feature_names` order."""
 
@@ -90,8 +97,7 @@ def export_onnx(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
                 opset: int = OPSET, verbose: bool = False) -> Path:
     """Write the two graphs, `onnx_config.json` and the tokenizer files to `out_dir`. The model is
     exported in float32 on the CPU (a copy is not made: the model is moved and put in eval mode)."""
-    _require("onnx")
-    _require("onnxscript")
+    check_export_available()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.float().cpu().eval()
