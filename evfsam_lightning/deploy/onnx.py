@@ -18,8 +18,10 @@ package's own preprocessing and postprocessing (Pillow / torch CPU ops, identica
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,8 @@ IMAGE_ENCODER = "image_encoder.onnx"
 TEXT_DECODER = "text_decoder.onnx"
 CONFIG = "onnx_config.json"
 OPSET = 18
+#: graphs whose weights pass this size keep them in `<graph>.onnx.data` (protobuf stops at 2 GiB)
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def _require(module: str, extra: str = "onnx"):
@@ -93,10 +97,16 @@ def _dummy_inputs(model, n: int, length: int):
     return pixels, (torch.randn(1, 3, b, b), ids, mask, *feats)
 
 
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def export_onnx(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-                opset: int = OPSET, verbose: bool = False) -> Path:
+                opset: int = OPSET, external_data: bool | None = None, verbose: bool = False) -> Path:
     """Write the two graphs, `onnx_config.json` and the tokenizer files to `out_dir`. The model is
-    exported in float32 on the CPU (a copy is not made: the model is moved and put in eval mode)."""
+    exported in float32 on the CPU (a copy is not made: the model is moved and put in eval mode).
+    `external_data` (default: for graphs over `EXTERNAL_DATA_BYTES` of weights, as full-size
+    models) writes the weights beside a graph in `<graph>.onnx.data`."""
     check_export_available()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,18 +114,25 @@ def export_onnx(model, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathL
     vm = model.visual_model
     names = list(vm.image_feature_names)
     pixels, text_inputs = _dummy_inputs(model, n=2, length=7)
-    with torch.no_grad():
-        torch.onnx.export(ImageEncoderGraph(model).eval(), (pixels,), str(out / IMAGE_ENCODER), dynamo=True,
+    image_graph, text_graph = ImageEncoderGraph(model).eval(), TextDecoderGraph(model).eval()
+    external = {g: _weight_bytes(g) > EXTERNAL_DATA_BYTES if external_data is None else external_data
+                for g in (image_graph, text_graph)}
+    # The exporter's notes about ops we do not use (torchvision) and axis names are noise here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
+        warnings.filterwarnings("ignore", category=UserWarning, message=".*axis name")
+        torch.onnx.export(image_graph, (pixels,), str(out / IMAGE_ENCODER), dynamo=True,
                           input_names=["sam_pixel_values"], output_names=names, opset_version=opset,
                           dynamic_shapes={"sam_pixel_values": {0: torch.export.Dim("batch", min=1)}},
-                          external_data=False, verbose=verbose)
+                          external_data=external[image_graph], verbose=verbose)
         n, length = torch.export.Dim("expressions", min=1), torch.export.Dim("tokens", min=2,
                                                                               max=model.beit3.config.max_text_positions - 2)
         dynamic = ({}, {0: n, 1: length}, {0: n, 1: length}, tuple({} for _ in names))  # *features
-        torch.onnx.export(TextDecoderGraph(model).eval(), text_inputs, str(out / TEXT_DECODER), dynamo=True,
+        torch.onnx.export(text_graph, text_inputs, str(out / TEXT_DECODER), dynamo=True,
                           input_names=["beit_pixel_values", "input_ids", "attention_mask", *names],
                           output_names=["low_res_logits", "iou_predictions"], opset_version=opset,
-                          dynamic_shapes=dynamic, external_data=False, verbose=verbose)
+                          dynamic_shapes=dynamic, external_data=external[text_graph], verbose=verbose)
     config = {
         "family": vm.family, "image_size": vm.image_size, "beit3_image_size": model.beit3_image_size,
         "image_feature_names": names, "image_encoder": IMAGE_ENCODER, "text_decoder": TEXT_DECODER,

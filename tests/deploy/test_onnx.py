@@ -83,3 +83,20 @@ def test_onnxruntime_predict_matches_torch(onnx_export, tiny_tokenizer_dir, text
 def test_predictor_on_a_folder_without_graphs_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="onnx_config.json"):
         OnnxPredictor(tmp_path)
+
+
+@pytest.mark.slow
+def test_check_parity_onnx_on_fixture_a():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, fixture_dir
+
+    fixture = fixture_dir("evfsam_parity_a")
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "check_parity.py"), str(fixture), "--onnx"],
+                            capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    for name in ("onnx.image_embeddings", "onnx.low_res_masks", "onnx.iou_predictions", "onnx.mask_logits",
+                 "onnx.pred_mask", "onnx.train_low_res_masks"):
+        assert any(line.startswith(name + " ") and line.rstrip().endswith("pass")
+                   for line in result.stdout.splitlines()), (name, result.stdout)
