@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{args.checkpoint} is not a DeepSpeed or FSDP checkpoint directory")
         print(f"consolidated -> {consolidate(args.checkpoint, args.out)}")
         return 0
+    if args.format == "onnx" and _DTYPES[args.dtype] != "float32":
+        p.error("--dtype applies to the official layout; the ONNX graphs are exported in float32")
     if args.format == "onnx":
         from evfsam_lightning.config import ConfigError
         from evfsam_lightning.deploy.onnx import check_export_available

@@ -151,6 +151,13 @@ def test_demo_in_headless_chromium(demo_server, tmp_path):
         outside = sorted(u for u in requested if u.startswith(("http:", "https:", "ws:", "wss:"))
                          and not u.startswith(demo_server.rstrip("/")))
         assert not outside, outside
+
+        # Pick the example image instead: its expressions replace the typed ones.
+        driver.find_element(By.XPATH, "//*[normalize-space(text())='the red circle the blue square']").click()
+        wait.until(lambda d: "the red circle" in box.get_attribute("value"))
+        driver.find_element(By.CSS_SELECTOR, "#segment").click()
+        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#legend"), "[semantic] the blue square"))
+        driver.save_screenshot(str(ARTIFACTS / "evfsam-demo-example.png"))
     except Exception:
         driver.save_screenshot(str(shot))
         print(f"screenshot (failure): {shot}")

@@ -80,6 +80,25 @@ def test_onnxruntime_predict_matches_torch(onnx_export, tiny_tokenizer_dir, text
         assert len({len(i) for i in ids}) == 3, ids
 
 
+@pytest.mark.slow
+def test_demo_segments_with_an_onnx_export(onnx_export, tmp_path):
+    pytest.importorskip("gradio", reason="demo extra not installed")
+    from evfsam_lightning.deploy.demo import predictor_for, segment
+
+    _, out = onnx_export
+    predict, title = predictor_for(out)
+    image = _image(40, 60)
+    overlaid, files, legend = segment(predict, image, "the red square\nsky", True, tmp_path)
+    assert "ONNX" in title and overlaid.shape == image.shape and len(files) == 2
+    assert "[semantic] sky" in legend
+
+
+def test_export_onnx_rejects_a_dtype(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        export_cli.main(["--checkpoint", str(tmp_path), "--format", "onnx", "--dtype", "bf16", "--out", str(tmp_path)])
+    assert e.value.code == 2
+
+
 def test_predictor_on_a_folder_without_graphs_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="onnx_config.json"):
         OnnxPredictor(tmp_path)
