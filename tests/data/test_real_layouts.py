@@ -135,7 +135,7 @@ def make_grefcoco(root: Path) -> dict:
     def ref(ref_id, ann_ids, image_id, split, texts):
         no_target = ann_ids == [-1]
         return {"ref_id": ref_id, "ann_id": ann_ids, "image_id": image_id, "split": split,
-                "category_id": [] if no_target else [cat_of[a] for a in ann_ids], "no_target": no_target,
+                "category_id": [] if no_target else [cat_of.get(a, 1) for a in ann_ids], "no_target": no_target,
                 "file_name": names[image_id], "sentences": sentences(ref_id, texts),
                 "sent_ids": [ref_id * 10 + k for k in range(len(texts))]}
 
@@ -148,6 +148,8 @@ def make_grefcoco(root: Path) -> dict:
         ref(6, [-1], 2, "val", ["a horse", "horse on the left"]),
         ref(7, [14], 3, "testA", ["dog"]),
         ref(8, [-1], 4, "testB", ["the giraffe"]),
+        {**ref(9, [10], 1, "train", ["broken"]), "ann_id": [-1, 10]},  # -1 beside real ids: malformed
+        ref(10, [10, 99], 1, "train", ["half missing"]),                 # one id not in instances.json
     ]
     (root / "grefcoco").mkdir(parents=True)
     (root / "grefcoco" / "grefs(unc).json").write_text(json.dumps(refs))
@@ -166,7 +168,9 @@ def no_target_flags(tar: Path) -> dict[str, list]:
     return out
 
 
-def test_grefcoco_multi_target_overlap_and_no_target(tmp_path):
+def test_grefcoco_multi_target_overlap_and_no_target(tmp_path, capsys):
+    assert run_cli("grefcoco", "--root", tmp_path / "refer_seg", "--out", tmp_path / "none") == 1
+    assert "grefcoco/grefs(unc).json: refs file not found" in capsys.readouterr().err
     raw = make_grefcoco(tmp_path / "refer_seg")
     out = tmp_path / "out"
     assert run_cli("grefcoco", "--root", tmp_path / "refer_seg", "--out", out, "--workers", 1) == 0
@@ -196,7 +200,8 @@ def test_grefcoco_multi_target_overlap_and_no_target(tmp_path):
     # The record field is exactly `"no_target": true`, and absent on target objects.
     flags = no_target_flags(next((out / "train").glob("*.tar")))
     assert flags == {"grefcoco_unc-train-1": [None, None, True]}
-    assert skip_counts(out) == {"no_expression": 1}
+    assert skip_counts(out) == {"no_expression": 1, "bad_annotation": 1, "missing_annotation": 1}
+    assert report(out)["skipped"]["missing_annotation"]["examples"] == ["ref 10"]
     assert report(out)["written"] == {"samples": 4, "objects": 7, "expressions": 9}
 
 
@@ -246,7 +251,7 @@ def write_coco(path: Path, images: list[dict], anns: list[dict], categories: lis
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
 
 
-def test_objects365_real_layout_list_of_rle_and_crowd(tmp_path):
+def test_objects365_real_layout_list_of_rle_and_crowd(tmp_path, capsys):
     base = tmp_path / "data"
     o365 = base / "Object365" / "raw" / "Objects365_v1" / "2019-08-02"
     names = {1: "obj365_train_000000000011.jpg", 2: "obj365_train_000000000012.jpg"}
@@ -269,6 +274,9 @@ def test_objects365_real_layout_list_of_rle_and_crowd(tmp_path):
         np.testing.assert_array_equal(s.objects[1].mask, box(10, 24, 0, 32))
         np.testing.assert_array_equal(got["objects365-train-2"].objects[0].mask, box(0, 4, 0, 4))
         assert skip_counts(out) == {}
+    # EVF-SAM's file holds one split: asking for two without an --ann that names {split} is an error.
+    assert run_cli("objects365", "--root", base, "--out", tmp_path / "two", "--split", "train", "val") == 1
+    assert "o365_res_instances.json is one file but 2 splits" in capsys.readouterr().err
 
 
 def test_partimagenet_real_layout(tmp_path):
