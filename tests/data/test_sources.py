@@ -333,7 +333,7 @@ def test_pascal_part_names_and_merge(tmp_path):
         {"image_id": 1, "category_id": 2, "segmentation": rle(box(15, 20, 5, 9))},
         {"image_id": 1, "category_id": 2, "segmentation": rle(box(15, 22, 20, 24))},
         {"image_id": 2, "category_id": 3, "segmentation": rle(box(1, 3, 1, 3))},
-        {"image_id": 2, "category_id": 3, "segmentation": "garbage"},  # one piece bad: the part is dropped
+        {"image_id": 2, "category_id": 3, "segmentation": "garbage"},  # one piece bad: counted, the rest kept
     ]
     root = tmp_path / "pp"
     make_coco(root, "annotations/train.json", "images/train", cats, anns, n_images=2)
@@ -346,9 +346,11 @@ def test_pascal_part_names_and_merge(tmp_path):
     # ':' becomes a space, the rest is kept as written (the reference's rule)
     assert [o.expressions for o in s.objects] == [["[semantic] aeroplane body"], ["[semantic] cow lf_leg"]]
     np.testing.assert_array_equal(s.objects[1].mask, box(15, 20, 5, 9) | box(15, 22, 20, 24))
-    assert "pascal_part-train-2" not in got
+    # As the reference (which skips annotations it cannot decode), the part keeps its good piece.
+    assert [o.expressions for o in got["pascal_part-train-2"].objects] == [["[semantic] person lear"]]
+    np.testing.assert_array_equal(got["pascal_part-train-2"].objects[0].mask, box(1, 3, 1, 3))
     counts = {k: v["count"] for k, v in report(out)["skipped"].items()}
-    assert counts == {"bad_annotation": 1, "no_object": 1}
+    assert counts == {"bad_annotation": 1}
 
 
 # ---------------------------------------------------------------- label maps

@@ -202,10 +202,10 @@ def build(item: WorkItem) -> Built:
             try:
                 masks.append(decode_coco_segmentation(ann["segmentation"], image.height, image.width))
             except Exception as e:  # pycocotools and malformed data raise many types
+                # Counted and left out; a part keeps its other annotations, as the reference does.
                 skips.append(Skip("bad_annotation", f"ann {ann['id']}",
                                   f"{d['ann_file']}: annotation {ann['id']} (image {d['image_id']}): {e}"))
-                break
-        if len(masks) < len(obj["anns"]):  # a part missing one of its pieces would teach a wrong mask
+        if not masks:
             continue
         mask = merge_masks(masks)
         if not mask.any():
