@@ -372,3 +372,15 @@ def test_jsonl_point_list_polygons(tmp_path):
                                   decode_segmentation(POLY) | decode_segmentation([[20, 15, 30, 15, 30, 22]]))
     np.testing.assert_array_equal(s.objects[3].mask, box(0, 3, 0, 3) | box(5, 8, 5, 8))
     assert skip_counts(out) == {}
+
+
+def test_grefcoco_reads_the_pickle_first_as_g_refer_does(tmp_path):
+    make_grefcoco(tmp_path / "refer_seg")
+    folder = tmp_path / "refer_seg" / "grefcoco"
+    refs = [r for r in json.loads((folder / "grefs(unc).json").read_text()) if r["split"] == "testB"]
+    write_refs(folder / "grefs(unc).p", refs)
+    out = tmp_path / "out"
+    assert run_cli("grefcoco", "--root", tmp_path / "refer_seg", "--out", out, "--workers", 1) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "testB"]
+    (s,) = read_split(out, "testB").values()
+    assert s.objects[0].no_target and s.objects[0].expressions == ["the giraffe"]
