@@ -8,6 +8,7 @@ Runs offline: analytics are switched off before Gradio is imported, the theme us
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import tempfile
@@ -77,7 +78,8 @@ def segment(predict: Predict, image: np.ndarray | None, text: str, semantic: boo
         Image.fromarray(m.astype(np.uint8) * 255).save(path)
         files.append(str(path))
         r, g, b = PALETTE[i % len(PALETTE)].astype(int)
-        rows.append(f"| <span style='color:rgb({r},{g},{b})'>&#9632;</span> | {t} | {int(m.sum())} |")
+        shown = html.escape(t).replace("|", "&#124;")
+        rows.append(f"| <span style='color:rgb({r},{g},{b})'>&#9632;</span> | {shown} | {int(m.sum())} |")
     return overlay(image, masks), files, "\n".join(rows)
 
 
