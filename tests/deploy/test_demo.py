@@ -66,7 +66,13 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.fixture
-def demo_server(tmp_path, tiny_tokenizer_dir):
+def browser() -> tuple[str, str]:
+    """(chromium, chromedriver) paths, or the test is skipped with the reason."""
+    return _browser_or_skip()
+
+
+@pytest.fixture
+def demo_server(browser, tmp_path, tiny_tokenizer_dir):
     from evfsam_lightning.models.builders import build_model
     from evfsam_lightning.models.checkpoints import export_reference
 
@@ -91,8 +97,8 @@ def demo_server(tmp_path, tiny_tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_demo_in_headless_chromium(demo_server, tmp_path):
-    chromium, chromedriver = _browser_or_skip()
+def test_demo_in_headless_chromium(browser, demo_server, tmp_path):
+    chromium, chromedriver = browser
     from PIL import Image
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
