@@ -13,21 +13,31 @@ is an ordinary EVF-SAM checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from argparse import RawDescriptionHelpFormatter
+from pathlib import Path
+
+from evfsam_lightning.cli.errors import ArgumentParser, UserError, checkpoint_input, console_script
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
 
 
+@console_script("evfsam-export")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evfsam-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evfsam-export", description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the exported weights")
     p.add_argument("--consolidate-only", action="store_true", help="sharded checkpoint -> one .ckpt file")
     args = p.parse_args(argv)
+    checkpoint_input(args.checkpoint)
+    out = Path(args.out)
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir() and (parent != out or not args.consolidate_only):
+                raise UserError(f"--out {args.out}: {parent} is a file, not a folder (choose another --out)")
+            break
 
     import torch
 

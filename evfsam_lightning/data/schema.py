@@ -82,13 +82,28 @@ class Sample:
         """The image as an (H, W, 3) uint8 RGB array."""
         try:
             with Image.open(io.BytesIO(self.image_bytes)) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = image_to_rgb(im)
         except Exception as e:  # PIL raises many types for corrupt data
             raise SampleError("bad_image", f"sample {self.key}: image does not decode ({e})") from e
         if arr.shape[:2] != (self.height, self.width):
             raise SampleError("bad_image", f"sample {self.key}: image is {arr.shape[:2]}, record says "
                                            f"{(self.height, self.width)}")
         return arr
+
+
+def image_to_rgb(im: Image.Image) -> np.ndarray:
+    """An opened image as (H, W, 3) uint8 RGB. 16-bit grayscale (modes I;16*, and I holding values up
+    to 65535) is scaled to 8 bits (v / 257), not clipped at 255 as Pillow's convert("RGB") would;
+    other high-depth modes are refused with ValueError."""
+    if im.mode.startswith("I"):
+        values = np.asarray(im.convert("I") if im.mode != "I" else im).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{im.mode} image with values outside 0..65535: convert it to 8-bit RGB first")
+        gray = np.round(values / 257.0).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError("floating-point image: convert it to 8-bit RGB first")
+    return np.asarray(im.convert("RGB"))
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
