@@ -227,7 +227,8 @@ def _check_ranges(cfg: RunConfig) -> None:
 
 
 def _check_run_paths(cfg: RunConfig) -> None:
-    """root_dir must be (or become) a folder; checkpoint.resume false, auto, or an existing checkpoint."""
+    """root_dir must be (or become) a folder; checkpoint.resume false, auto, or an existing checkpoint that
+    looks intact and safe."""
     import zipfile
 
     for parent in (cfg.run_dir, *cfg.run_dir.parents):
@@ -237,13 +238,13 @@ def _check_run_paths(cfg: RunConfig) -> None:
                                   "root_dir)")
             break
     resume = cfg.checkpoint.resume
-    if resume in ("auto", "false"):
-        return
     path = Path(resume)
-    if not path.exists():
+    if resume in ("auto", "false"):
+        pass
+    elif not path.exists():
         raise ConfigError(f"checkpoint.resume={resume!r}: no such checkpoint (use auto, false, or a checkpoint "
                           "path)")
-    if path.is_dir():
+    elif path.is_dir():
         if not ((path / "latest").is_file() or any(path.glob("*.distcp"))
                 or any(path.glob("*/mp_rank_*_model_states.pt"))):
             raise ConfigError(f"checkpoint.resume={resume!r}: a directory that is not a DeepSpeed or FSDP "
@@ -251,6 +252,18 @@ def _check_run_paths(cfg: RunConfig) -> None:
     elif not zipfile.is_zipfile(path):
         raise ConfigError(f"checkpoint.resume={resume!r}: not a PyTorch checkpoint (not a complete zip archive: "
                           "truncated, damaged, or another kind of file)")
+    else:  # unpickle the structure only (tensors memory-mapped, not read): code in the pickle is refused here
+        import pickle
+
+        import torch
+
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise ConfigError(f"checkpoint.resume={resume!r}: refused, the file holds code or objects a checkpoint "
+                              "does not (unsafe pickle; only resume from checkpoints you trust)") from None
+        except (RuntimeError, EOFError, ValueError) as e:
+            raise ConfigError(f"checkpoint.resume={resume!r}: damaged checkpoint ({str(e).splitlines()[0]})") from None
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -147,10 +147,11 @@ def _data_config(path: str, overrides: Sequence[str]) -> DataConfig:
             return load_data_config(path)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    cfg = load(path, overrides)  # errors before the heavy imports below
     from evfsam_lightning.training.module import model_size
     from evfsam_lightning.training.run import data_config, resolve_pretrained
 
-    cfg = resolve_pretrained(load(path, overrides))
+    cfg = resolve_pretrained(cfg)
     # the images themselves, not an embedding cache's features (which may not be built yet)
     return dataclasses.replace(data_config(cfg, model_size(cfg.model)), embedding_cache=None)
 

@@ -99,6 +99,8 @@ def describe(e: BaseException) -> str | None:
         return f"the optional dependency {top!r} is not installed (pip install {top})"
     if isinstance(e, OSError) and (e.filename is not None or e.errno in (errno.ENOSPC, errno.EDQUOT)):
         return _os_error(e)
+    if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError | FileExistsError):
+        return _first_line(e) or name  # raised by our code with a message naming the path
     if isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e):
         return f"damaged checkpoint: {_first_line(e)} (the file is truncated or corrupted)"
     try:
@@ -119,6 +121,8 @@ def console_script(prog: str) -> Callable[[Callable[..., int]], Callable[..., in
         def run(argv: list[str] | None = None) -> int:
             argv = list(sys.argv[1:] if argv is None else argv)
             debug = debug_requested(argv)
+            if "--debug" in argv:  # also for what this process starts (e.g. DDP ranks)
+                os.environ[DEBUG_ENV] = "1"
             argv = [a for a in argv if a != "--debug"]
             try:
                 return main(argv)

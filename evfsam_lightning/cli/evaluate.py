@@ -37,11 +37,12 @@ def parse_data(items: list[str]) -> list[tuple[str, str]]:
 
 def check_splits(splits: list[tuple[str, str]]) -> None:
     """Every split names shards that exist (before the model is loaded)."""
-    from evfsam_lightning.data.stream import expand_urls
-
     for name, urls in splits:
         if not urls.startswith("pipe:") and not any(c in urls for c in "*?[{") and not Path(urls).exists():
             raise UserError(f"--data {name}={urls}: no such file or directory (check the path)")
+    from evfsam_lightning.data.stream import expand_urls
+
+    for name, urls in splits:
         try:
             found = expand_urls(urls)
         except (OSError, ValueError) as e:

@@ -45,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     from evfsam_lightning.training.preemption import preemption_exit_code
     from evfsam_lightning.training.run import train
 
-    code = preemption_exit_code(train(cfg))
+    try:
+        code = preemption_exit_code(train(cfg))
+    except Exception as e:  # a collective failing because another rank died: name it, in one line
+        from evfsam_lightning.cli.errors import debug_requested
+        from evfsam_lightning.training.peers import is_peer_loss, lost_peer_message
+
+        if not is_peer_loss(e) or debug_requested(argv or []):
+            raise
+        print(f"evfsam-train: error: {lost_peer_message(e)}", file=sys.stderr, flush=True)
+        return 1
     return 0 if code is None else code
 
 

@@ -25,6 +25,7 @@ from evfsam_lightning.training.callbacks import (
     atomic_write_text,
     find_resume_checkpoint,
 )
+from evfsam_lightning.training.peers import PeerTable
 from evfsam_lightning.training.preemption import PreemptionCheckpoint, slurm_plugins
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def data_config(cfg: RunConfig, model_cfg):
     train = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.train]
     val = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.val]
     tokenizer = cfg.model.tokenizer or cfg.model.pretrained
+    if tokenizer and not (Path(tokenizer) / "sentencepiece.bpe.model").is_file():
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.pretrained"
+        raise ConfigError(f"{key}={tokenizer!r}: no sentencepiece.bpe.model there (give the folder that holds it)")
     if d.synthetic is not None:
         root, tok = ensure_synthetic(cfg)
         train = train or [SourceConfig("synthetic", [str(root / "train")])]
@@ -202,6 +206,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         PreemptionCheckpoint(ckpt_dir),
         Throughput(t.global_batch_size, t.log_every_n_steps),
         ProcessLayout(),
+        PeerTable(),
         *extra_callbacks,
     ]
     if cfg.logging.progress_bar:  # refreshed (and the loss read from the device) once per log interval
