@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 #: Reasons a sample is skipped: `schema.decode_sample`'s, plus `truncated_tar` (the sample at the
 #: point where a shard breaks off is incomplete) and `read_error` (a shard that cannot be opened or
 #: is not a tar at all; this one counts shards, not samples).
-SKIP_REASONS = ("bad_json", "missing_image", "missing_mask", "bad_mask", "mask_size", "no_expression",
+SKIP_REASONS = ("bad_json", "bad_record", "missing_image", "missing_mask", "bad_mask", "mask_size", "no_expression",
                 "bad_image", "truncated_tar", "read_error")
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _GLOB_CHARS = re.compile(r"[*?\[]")
