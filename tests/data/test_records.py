@@ -85,3 +85,33 @@ def test_strict_mode_stops_naming_shard_and_key(wrong_shard, tokenizer_dir):
     shard, good = wrong_shard
     with pytest.raises(DataError, match=r"strict data mode: .*s0\.tar.*sample bad_\w+.*record key `"):
         consume(EvfDataModule(_config(shard, tokenizer_dir, strict=True)), len(good))
+
+
+def test_eval_counts_unreadable_shards_without_sizes_json(tmp_path, tokenizer_dir, caplog):
+    split = tmp_path / "val"
+    split.mkdir()
+    write_shard(split / "a-000000.tar", [_members(f"v{i}") for i in range(3)])
+    (split / "a-000001.tar").write_bytes(b"not a tar archive" * 40)  # no sizes.json: counted by reading
+    source = SourceConfig("val", str(split))
+    dm = EvfDataModule(DataConfig(sources=[source], test_sources=[source], tokenizer=tokenizer_dir, batch_size=2,
+                                  num_workers=0, sam_image_size=32, beit_image_size=16, samples_per_epoch=10))
+    with caplog.at_level(logging.WARNING):
+        batches = list(dm.eval_stream(source))
+    total = Counter()
+    for b in batches:
+        total.update(b["data_stats"])
+    assert total["images"] == 3 and total["read_error"] == 1
+    assert "a-000001.tar" in caplog.text
+
+
+def test_a_stray_file_in_a_shard_folder_is_ignored_with_a_warning(tmp_path, caplog):
+    from evfsam_lightning.data.stream import expand_urls, shard_sizes
+    from tests.data.conftest import write_source
+
+    write_source(tmp_path, "refcoco", 4, 2)
+    (tmp_path / "refcoco" / "copy-of-something.tar").write_bytes(b"junk")
+    with caplog.at_level(logging.WARNING):
+        urls = expand_urls(str(tmp_path / "refcoco"))
+    assert len(urls) == 2 and not any("copy-of-something" in u for u in urls)
+    assert "copy-of-something.tar" in caplog.text and "does not list" in caplog.text
+    assert shard_sizes(urls) == [2, 2]  # the epoch size stays known
