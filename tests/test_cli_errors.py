@@ -100,7 +100,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-train", [q, f"checkpoint.resume={f['truncated']}"], "not a PyTorch checkpoint"),
         ("evfsam-train", [q, f"checkpoint.resume={f['pickle']}"], "unsafe pickle"),
         ("evfsam-train", [q, f"checkpoint.resume={f['missing']}"], "no such checkpoint"),
-        ("evfsam-train", [q, f"model.tokenizer={f['dir']}"], "sentencepiece.bpe.model"),
+        ("evfsam-train", [q, f"model.tokenizer={f['dir']}", "data.synthetic.dir=syn"], "sentencepiece.bpe.model"),
         ("evfsam-train", [q, f"root_dir={f['text']}"], "is a file, not a folder"),
         # evaluation
         ("evfsam-eval", ["--checkpoint", str(f["missing"]), *ck], "no such file"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -45,7 +46,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a dead child not yet reaped (rank 1 is rank 0's child under Lightning's launcher) is a zombie
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def lost_peer_message(e: BaseException, rank: int | None = None) -> str:
