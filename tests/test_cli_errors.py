@@ -62,6 +62,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (f["official"] / "config.json").write_text("{}")
     f["image"] = d / "image.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f["image"])
+    f["refer"] = d / "refer"  # the refer layout with a refs pickle that would run code
+    (f["refer"] / "refcoco").mkdir(parents=True)
+    import pickle
+
+    (f["refer"] / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([_Pwn()]))
+    (f["refer"] / "refcoco" / "instances.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    f["unreadable"] = d / "unreadable.yaml"  # permission denied (only where the tests do not run as root)
+    f["unreadable"].write_text("name: x\n")
+    f["unreadable"].chmod(0)
     f["shards"] = d / "shards"
     f["shards"].mkdir()
     import tarfile
@@ -102,6 +111,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-train", [q, f"checkpoint.resume={f['missing']}"], "no such checkpoint"),
         ("evfsam-train", [q, f"model.tokenizer={f['dir']}", "data.synthetic.dir=syn"], "sentencepiece.bpe.model"),
         ("evfsam-train", [q, f"root_dir={f['text']}"], "is a file, not a folder"),
+        ("evfsam-train", [q, "trainer.accelerator=gpu", "data.synthetic.dir=syn"], "accelerator=gpu: "),
         # evaluation
         ("evfsam-eval", ["--checkpoint", str(f["missing"]), *ck], "no such file"),
         ("evfsam-eval", ["--checkpoint", str(f["dir"]), *ck], "holds no checkpoint"),
@@ -146,6 +156,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-shards", ["jsonl", "--ann", str(f["missing"]), "--out", "s"], str(f["missing"])),
         ("evfsam-shards", ["jsonl", "--ann", str(f["dir"]), "--out", "s"], str(f["dir"])),
         ("evfsam-shards", ["nope"], "invalid choice"),
+        ("evfsam-shards", ["refer", "--root", str(f["refer"]), "--out", "s"], "refs(unc).p"),
         # SLURM and the embedding cache
         ("evfsam-slurm", ["submit", str(f["missing"]), "--nodes", "1", "--gpus-per-node", "0"], "not found"),
         ("evfsam-slurm", ["submit", str(f["dir"]), "--nodes", "1", "--gpus-per-node", "0"], "is a directory"),
@@ -154,12 +165,16 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-cache-embeddings", [q, "--out", "cache"], "model.mode='full'"),
         ("evfsam-cache-embeddings", [str(f["missing"]), "--out", "cache"], "not found"),
     ]
+    if os.geteuid() != 0:  # root reads any file
+        cases += [("evfsam-train", [str(f["unreadable"])], "cannot read"),
+                  ("evfsam-predict", ["--checkpoint", str(f["unreadable"]), *pred], "permission denied"),
+                  ("evfsam-data", ["inspect", str(f["unreadable"])], "unreadable.yaml")]
     return cases
 
 
 CASES = _cases({k: Path(f"<{k}>") for k in ("dir", "text", "garbage", "missing", "truncated", "pickle",
                                              "malformed", "list", "yaml_code", "urls_string",
-                                             "official", "image", "shards")})
+                                             "official", "image", "shards", "refer", "unreadable")})
 
 
 def _run(command: str, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -169,7 +184,23 @@ def _run(command: str, args: list[str], cwd: Path, env: dict | None = None) -> s
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c}:{' '.join(a)[:60]}" for c, a, _ in CASES])
+def _needs_torch(command: str, args: list[str]) -> bool:
+    """Cases found only once torch is imported (loading a checkpoint, asking for CUDA): slow here."""
+    text = " ".join(args)
+    return any(k in text for k in ("<pickle>", "model.tokenizer", "--device cuda", "accelerator=gpu"))
+
+
+def _marks(command: str, args: list[str]) -> list:
+    marks = [pytest.mark.slow] if _needs_torch(command, args) else []
+    if any("cuda" in a or "gpu" in a for a in args):
+        import torch
+
+        marks.append(pytest.mark.skipif(torch.cuda.is_available(), reason="a case for machines without CUDA"))
+    return marks
+
+
+@pytest.mark.parametrize("index", [pytest.param(i, marks=_marks(c, a)) for i, (c, a, _) in enumerate(CASES)],
+                         ids=[f"{c}:{' '.join(a)[:60]}" for c, a, _ in CASES])
 def test_user_error_is_one_line_and_exit_2(index, files, tmp_path):
     command, args, expected = _cases(files)[index]
     result = _run(command, args, tmp_path)
@@ -196,3 +227,18 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
         assert im.mode.startswith("I")
         rgb = image_to_rgb(im)
     assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_describe_tells_user_errors_from_bugs():
+    import errno
+    import pickle
+
+    from evfsam_lightning.cli.errors import describe
+
+    assert "pip install deepspeed" in describe(ModuleNotFoundError("No module named 'deepspeed'", name="deepspeed"))
+    full = describe(OSError(errno.ENOSPC, "No space left on device", "runs/x/step-5.ckpt"))
+    assert full.startswith("no space left on device, runs/x/step-5.ckpt") and "free space" in full
+    assert "unsafe" in describe(pickle.UnpicklingError("Weights only load failed.\nline two"))
+    assert "\n" not in describe(pickle.UnpicklingError("Weights only load failed.\nline two"))
+    for bug in (KeyError("x"), TypeError("unsupported operand"), AttributeError("no attribute"), RuntimeError("x")):
+        assert describe(bug) is None

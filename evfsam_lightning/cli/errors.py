@@ -89,6 +89,8 @@ def describe(e: BaseException) -> str | None:
     if module.startswith("evfsam_lightning") and name in ("CheckpointError", "DataError", "SampleError",
                                                            "EmbeddingCacheError", "LaunchError", "ShardError"):
         return _first_line(e)
+    if name == "MisconfigurationException" and module.startswith("lightning"):  # e.g. a GPU asked of a CPU build
+        return _first_line(e)
     if isinstance(e, pickle.UnpicklingError):  # torch.load(weights_only=True) refusing code, or a bad pickle
         return ("refused to load an unsafe or damaged pickle (it would run code or is not a checkpoint): "
                 f"{_first_line(e)[:200]} (only load files you trust; never disable weights_only)")

@@ -40,6 +40,8 @@ def check_splits(splits: list[tuple[str, str]]) -> None:
     for name, urls in splits:
         if not urls.startswith("pipe:") and not any(c in urls for c in "*?[{") and not Path(urls).exists():
             raise UserError(f"--data {name}={urls}: no such file or directory (check the path)")
+        if Path(urls).is_dir() and not (any(Path(urls).glob("*.tar")) or any(Path(urls).glob("*.tar.gz"))):
+            raise UserError(f"--data {name}={urls}: the folder holds no *.tar or *.tar.gz shard")
     from evfsam_lightning.data.stream import expand_urls
 
     for name, urls in splits:

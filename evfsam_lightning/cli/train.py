@@ -17,7 +17,7 @@ import sys
 from argparse import RawDescriptionHelpFormatter
 
 from evfsam_lightning.cli.errors import ArgumentParser, console_script
-from evfsam_lightning.config import help_text, load
+from evfsam_lightning.config import ConfigError, help_text, load
 from evfsam_lightning.training.signals import install_signal_handlers
 
 
@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(to_yaml(cfg))
         return 0
+    if cfg.trainer.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator}: {why} (use trainer.accelerator=cpu "
+                              "or auto)")
     from evfsam_lightning.training.preemption import preemption_exit_code
     from evfsam_lightning.training.run import train
 
