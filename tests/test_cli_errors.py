@@ -152,7 +152,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-data", ["inspect", q, "--samples", "0"], "--samples"),
         # shard conversion
         ("evfsam-shards", ["synthetic", "--out", "s", "--train", "-5"], "--train -5"),
-        ("evfsam-shards", ["refer", "--root", str(f["missing"]), "--out", "s"], "--root"),
+        ("evfsam-shards", ["refer", "--root", str(f["missing"]), "--out", "s"], "not found"),
         ("evfsam-shards", ["jsonl", "--ann", str(f["missing"]), "--out", "s"], str(f["missing"])),
         ("evfsam-shards", ["jsonl", "--ann", str(f["dir"]), "--out", "s"], str(f["dir"])),
         ("evfsam-shards", ["nope"], "invalid choice"),

@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--train {args.train} and --val {args.val} must be 0 or more, and not both 0")
         if args.image_size < 32:
             parser.error(f"--image-size {args.image_size} must be at least 32 (room for 2-4 shapes)")
-    elif args.root is not None and not os.path.exists(args.root):
-        raise UserError(f"--root {args.root}: no such file or directory (check the path)")
+
     make_plan: Callable[[argparse.Namespace], ConversionPlan] = args.make_plan
     try:
         plan = make_plan(args)
