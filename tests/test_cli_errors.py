@@ -122,6 +122,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-eval", ["--checkpoint", str(f["official"]), "--data", str(f["dir"])], "no *.tar"),
         ("evfsam-eval", ["--checkpoint", str(f["official"]), *ck, "--devices", "0"], "--devices 0"),
         ("evfsam-eval", ["--checkpoint", str(f["official"])], "--data"),
+        ("evfsam-eval", ["--checkpoint", str(f["official"]), *ck, "--out", f"{f['text']}/r.json"], "is a file"),
         # prediction
         ("evfsam-predict", ["--checkpoint", str(f["official"]), *pred, "--device", "cuda"], "--device cuda"),
         ("evfsam-predict", ["--checkpoint", str(f["official"]), "--image", str(f["image"]), "--text", "x",
@@ -143,6 +144,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-export", ["--checkpoint", str(f["truncated"]), "--out", "x"], "not a PyTorch checkpoint"),
         ("evfsam-export", ["--checkpoint", str(f["pickle"]), "--out", "x"], "pwn.ckpt"),
         ("evfsam-export", ["--checkpoint", str(f["official"]), "--out", f"{f['text']}/x"], "is a file"),
+        ("evfsam-export", ["--checkpoint", str(f["official"]), "--out", str(f["text"])], "is a file"),
         # data inspection
         ("evfsam-data", ["inspect", str(f["missing"])], "not found"),
         ("evfsam-data", ["inspect", str(f["dir"])], "is a directory"),
@@ -242,3 +244,22 @@ def test_describe_tells_user_errors_from_bugs():
     assert "\n" not in describe(pickle.UnpicklingError("Weights only load failed.\nline two"))
     for bug in (KeyError("x"), TypeError("unsupported operand"), AttributeError("no attribute"), RuntimeError("x")):
         assert describe(bug) is None
+
+
+@pytest.mark.parametrize("value", ["false", "False", "'false'"])
+def test_resume_false_as_documented(value):
+    from evfsam_lightning.config import load
+
+    assert load(QUICKSTART, [f"checkpoint.resume={value}"]).checkpoint.resume == "false"
+    assert load(QUICKSTART, ["checkpoint.resume=auto"]).checkpoint.resume == "auto"
+
+
+def test_every_numeric_key_is_range_checked_when_the_recipe_loads():
+    from evfsam_lightning.config import _AT_LEAST, _FRACTION, _POSITIVE, ConfigError, load
+
+    below = {**{k: low - 1 for k, low in _AT_LEAST.items()}, **dict.fromkeys(_POSITIVE, 0),
+             **dict.fromkeys(_FRACTION, 1.5)}
+    for key, value in below.items():
+        with pytest.raises(ConfigError, match=rf"^{key}="):
+            load(QUICKSTART, [f"{key}={value}"])
+    load(QUICKSTART, ["checkpoint.every_n_steps=0"])  # 0: saved only at the end and on preemption

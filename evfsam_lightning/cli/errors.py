@@ -174,3 +174,18 @@ def checkpoint_input(path: str | os.PathLike, what: str = "--checkpoint") -> Pat
         raise UserError(f"{what} {p}: not a PyTorch checkpoint (not a complete zip archive: truncated, "
                         "damaged, or another kind of file)")
     return p
+
+
+def output_path(path: str | os.PathLike, what: str = "--out", *, folder: bool = False) -> Path:
+    """`path` as a place to write a file (or, with `folder`, a folder): refused at once when a part of
+    it is an existing file, or when a file is wanted and it is an existing folder."""
+    p = Path(path)
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {p}: {parent} is a file, not a folder (choose another {what})")
+            break
+    if p.exists() and p.is_dir() != folder:
+        kind = "a folder" if p.is_dir() else "a file"
+        raise UserError(f"{what} {p} is {kind}; a {'folder' if folder else 'file'} is written there")
+    return p

@@ -17,7 +17,13 @@ import sys
 from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 
-from evfsam_lightning.cli.errors import ArgumentParser, UserError, checkpoint_input, console_script
+from evfsam_lightning.cli.errors import (
+    ArgumentParser,
+    UserError,
+    checkpoint_input,
+    console_script,
+    output_path,
+)
 
 
 def parse_data(items: list[str]) -> list[tuple[str, str]]:
@@ -77,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_input(args.checkpoint)
     splits = parse_data(args.data)
     check_splits(splits)
-    if args.out and Path(args.out).is_dir():
-        p.error(f"--out {args.out} is a directory: give a .json file name")
+    if args.out:
+        output_path(args.out)
 
     import lightning as L
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import sys
 from argparse import RawDescriptionHelpFormatter
-from pathlib import Path
 
-from evfsam_lightning.cli.errors import ArgumentParser, UserError, checkpoint_input, console_script
+from evfsam_lightning.cli.errors import ArgumentParser, checkpoint_input, console_script, output_path
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
@@ -32,12 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--consolidate-only", action="store_true", help="sharded checkpoint -> one .ckpt file")
     args = p.parse_args(argv)
     checkpoint_input(args.checkpoint)
-    out = Path(args.out)
-    for parent in (out, *out.parents):
-        if parent.exists():
-            if not parent.is_dir() and (parent != out or not args.consolidate_only):
-                raise UserError(f"--out {args.out}: {parent} is a file, not a folder (choose another --out)")
-            break
+    output_path(args.out, folder=not args.consolidate_only)
 
     import torch
 
