@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="official: the EVF-SAM folder layout; onnx: image_encoder.onnx + text_decoder.onnx "
                         "with the tokenizer, for evfsam_lightning.deploy.onnx.OnnxPredictor (float32)")
     args = p.parse_args(argv)
+    if args.format == "onnx" and _DTYPES[args.dtype] != "float32":
+        p.error("--dtype applies to the official layout; the ONNX graphs are exported in float32")
     checkpoint_input(args.checkpoint)
     output_path(args.out, folder=not args.consolidate_only)
 
@@ -53,17 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{args.checkpoint} is not a DeepSpeed or FSDP checkpoint directory")
         print(f"consolidated -> {consolidate(args.checkpoint, args.out)}")
         return 0
-    if args.format == "onnx" and _DTYPES[args.dtype] != "float32":
-        p.error("--dtype applies to the official layout; the ONNX graphs are exported in float32")
     if args.format == "onnx":
-        from evfsam_lightning.config import ConfigError
         from evfsam_lightning.deploy.onnx import check_export_available
 
-        try:
-            check_export_available()
-        except ConfigError as e:
-            print(f"evfsam-export: error: {e}", file=sys.stderr)
-            return 2
+        check_export_available()  # a missing extra is a config error before the model is loaded
     model, tokenizer = load_for_inference(args.checkpoint)
     merged = merge_lora(model)
     if merged:

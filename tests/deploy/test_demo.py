@@ -33,7 +33,8 @@ def test_missing_checkpoint_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "evfsam_lightning.cli.demo", "--checkpoint", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 2, r.stderr
-    assert "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "no such file or directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("evfsam-demo: error: --checkpoint "), r.stderr
 
 
 def _browser_or_skip() -> tuple[str, str]:
