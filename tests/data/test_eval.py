@@ -56,8 +56,10 @@ def test_every_val_sample_exactly_once_across_two_ranks(val_split, tokenizer_dir
         assert [k for r in (0, 1) for b in per_rank[r][idx] for k in b["keys"]] == in_order
         for batch in (b for r in (0, 1) for b in per_rank[r][idx]):
             assert 1 <= len(batch["keys"]) <= 2
-            for i, key in enumerate(batch["keys"]):  # every object, first expression, in order
+            for i, key in enumerate(batch["keys"]):  # every expression of every object, in order
                 objects = samples[key].objects
+                pairs = [(j, e) for j, o in enumerate(objects) for e in o.expressions]
                 lo, hi = batch["offsets"][i], batch["offsets"][i + 1]
-                assert batch["expressions"][lo:hi] == [o.expressions[0] for o in objects]
-                assert torch.equal(batch["masks"][i], torch.from_numpy(np.stack([o.mask for o in objects])))
+                assert batch["expressions"][lo:hi] == [e for _, e in pairs]
+                assert batch["object_index"][lo:hi].tolist() == [j for j, _ in pairs]
+                assert torch.equal(batch["masks"][i], torch.from_numpy(np.stack([objects[j].mask for j, _ in pairs])))
