@@ -63,3 +63,18 @@ def test_every_val_sample_exactly_once_across_two_ranks(val_split, tokenizer_dir
                 assert batch["expressions"][lo:hi] == [e for _, e in pairs]
                 assert batch["object_index"][lo:hi].tolist() == [j for j, _ in pairs]
                 assert torch.equal(batch["masks"][i], torch.from_numpy(np.stack([objects[j].mask for j, _ in pairs])))
+
+
+def test_eval_text_is_normalised_as_the_reference_only_for_referring(tmp_path, tokenizer_dir):
+    from evfsam_lightning.data.schema import encode_sample
+    from tests.data.conftest import make_sample, write_shard
+
+    referring, semantic = make_sample("r_00000", "refcoco"), make_sample("s_00000", "ade20k")
+    referring.objects[0].expressions = ["  The Man On The LEFT ", "woman"]
+    semantic.objects[0].expressions = ["[semantic] Wall"]
+    write_shard(tmp_path / "val.tar", [encode_sample(referring), encode_sample(semantic)])
+    cfg = DataConfig(tokenizer=tokenizer_dir, batch_size=2, num_workers=0, sam_image_size=32, beit_image_size=16,
+                     val_sources=[SourceConfig("val", str(tmp_path / "val.tar"))])
+    (batch,) = list(EvfDataModule(cfg, rank=0, world_size=1).val_dataloader())
+    assert batch["expressions"][:2] == ["the man on the left", "woman"]
+    assert batch["expressions"][batch["offsets"][1]] == "[semantic] Wall"

@@ -214,3 +214,24 @@ def test_generalized_metrics_are_the_same_on_one_and_two_ranks(tmp_path, tiny_ch
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     one, two = (json.loads((tmp_path / f"r{d}.json").read_text())["splits"]["val"] for d in (1, 2))
     assert one == two and one["expressions"] == 22 and one["no_target"] == 4
+
+
+def test_validation_during_training_reports_the_generalized_metrics():
+    import lightning as L
+
+    from evfsam_lightning.training.module import EvfSamModule
+    from tests.training.test_module import _batch, _Batches, _cfg
+
+    grefs, refs = _batch(), _batch()
+    grefs["masks"][0][1] = 0  # the second expression of the first image has no target
+    module = EvfSamModule(_cfg("model.mode=frozen_image_encoder", "logging.val_images=0"),
+                          val_sources=["grefs", "refs"])
+    loaders = [torch.utils.data.DataLoader(_Batches([b]), batch_size=None, collate_fn=lambda b: b)
+               for b in (grefs, refs)]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.validate(module, dataloaders=loaders, verbose=False)
+    logged = {k.split("/dataloader_idx")[0] for k in trainer.callback_metrics}
+    assert {"val/giou", "val/ciou", "val/refs/giou", "val/grefs/ciou"} <= logged
+    assert {"val/n_acc", "val/t_acc", "val/grefs/n_acc", "val/grefs/t_acc"} <= logged
+    assert not {"val/refs/n_acc", "val/refs/t_acc"} & logged  # a split without no-target expressions
