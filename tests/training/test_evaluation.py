@@ -235,3 +235,15 @@ def test_validation_during_training_reports_the_generalized_metrics():
     assert {"val/giou", "val/ciou", "val/refs/giou", "val/grefs/ciou"} <= logged
     assert {"val/n_acc", "val/t_acc", "val/grefs/n_acc", "val/grefs/t_acc"} <= logged
     assert not {"val/refs/n_acc", "val/refs/t_acc"} & logged  # a split without no-target expressions
+
+
+def test_shuffled_expressions_come_from_another_object_of_the_same_image():
+    from evfsam_lightning.training.evaluation import shuffle_expressions_within_images
+
+    ids = torch.arange(7).view(7, 1)  # expression p has the single token p
+    batch = {"input_ids": ids, "attention_mask": torch.ones(7, 1, dtype=torch.bool),
+             "offsets": torch.tensor([0, 5, 7]), "object_index": torch.tensor([0, 0, 0, 1, 1, 4, 4])}
+    out = shuffle_expressions_within_images(batch)
+    # image 0: object 0's three sentences take object 1's (cyclically), object 1's take object 0's;
+    # image 1: one object with two sentences keeps them
+    assert out["input_ids"].view(-1).tolist() == [3, 4, 3, 0, 1, 5, 6]
