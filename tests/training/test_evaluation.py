@@ -244,3 +244,17 @@ def test_shuffled_expressions_come_from_another_object_of_the_same_image():
     # image 0: object 0's three sentences take object 1's (cyclically), object 1's take object 0's;
     # image 1: one object with two sentences keeps them
     assert out["input_ids"].view(-1).tolist() == [3, 4, 3, 0, 1, 5, 6]
+
+
+def test_converted_grefcoco_split_reports_the_generalized_metrics(tmp_path, tiny_checkpoint):
+    from tests.data.test_real_layouts import make_grefcoco
+    from tests.data.test_sources import run_cli
+
+    make_grefcoco(tmp_path / "refer_seg")
+    assert run_cli("grefcoco", "--root", tmp_path / "refer_seg", "--out", tmp_path / "g", "--split", "val",
+                   "--workers", 1) == 0
+    assert evaluate(["--checkpoint", str(tiny_checkpoint), "--data", f"gval={tmp_path / 'g' / 'val'}",
+                     "--accelerator", "cpu", "--workers", "0", "--no-progress", "--out", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())["splits"]["gval"]
+    # val: "small person" (a target) and the no-target ref's "a horse", "horse on the left"
+    assert (r["expressions"], r["no_target"]) == (3, 2) and {"n_acc", "t_acc"} <= set(r)
