@@ -20,13 +20,19 @@ the same image: a model that reads the text scores much lower that way.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 
-from evfsam_lightning.config import ConfigError
+from evfsam_lightning.cli.errors import (
+    ArgumentParser,
+    UserError,
+    checkpoint_input,
+    console_script,
+    output_path,
+)
 
 #: The paper's table: (split name, dataset, split_by, split, published EVF-SAM cIoU; SPEC section 5).
 BENCHMARKS: dict[str, list[tuple[str, str, str, str, float]]] = {
@@ -54,8 +60,27 @@ def parse_data(items: list[str]) -> list[tuple[str, str]]:
         out.append((name, urls))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
-        raise SystemExit(f"evfsam-eval: split names repeat: {names}; name them with name=shards")
+        raise UserError(f"--data: split names repeat: {names}; name them with name=shards")
     return out
+
+
+def check_splits(splits: list[tuple[str, str]]) -> None:
+    """Every split names shards that exist (before the model is loaded)."""
+    for name, urls in splits:
+        if not urls.startswith("pipe:") and not any(c in urls for c in "*?[{") and not Path(urls).exists():
+            raise UserError(f"--data {name}={urls}: no such file or directory (check the path)")
+        if Path(urls).is_dir() and not (any(Path(urls).glob("*.tar")) or any(Path(urls).glob("*.tar.gz"))):
+            raise UserError(f"--data {name}={urls}: the folder holds no *.tar or *.tar.gz shard")
+    from evfsam_lightning.data.stream import expand_urls
+
+    for name, urls in splits:
+        try:
+            found = expand_urls(urls)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--data {name}={urls}: {str(e).splitlines()[0]}") from None
+        if not found:
+            raise UserError(f"--data {name}={urls}: no shards match (give a folder of .tar shards, a glob or a "
+                            "brace pattern)")
 
 
 def _has_shards(folder: Path) -> bool:
@@ -64,7 +89,7 @@ def _has_shards(folder: Path) -> bool:
 
 def find_benchmark_splits(benchmark: str, shards: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
     """([(split name, shard folder)] found under `shards`, [names of the missing splits]), in the
-    paper's order. Raises ConfigError when none is found."""
+    paper's order. Raises UserError when none is found."""
     root = Path(shards)
     found, missing, looked = [], [], []
     for name, dataset, split_by, split, _ in BENCHMARKS[benchmark]:
@@ -76,7 +101,7 @@ def find_benchmark_splits(benchmark: str, shards: str | Path) -> tuple[list[tupl
         else:
             found.append((name, str(hit)))
     if not found:
-        raise ConfigError(f"--benchmark {benchmark}: no split found under --shards {root} (looked for shard "
+        raise UserError(f"--benchmark {benchmark}: no split found under --shards {root} (looked for shard "
                           f"folders such as {looked[0]}, {looked[-1]}; write them with `evfsam-shards refer "
                           f"--out {root}/<dataset>_<split_by>`)")
     return found, missing
@@ -113,9 +138,9 @@ def benchmark_table(results: dict) -> tuple[list[str], str]:
     return lines, "\n".join(md) + "\n"
 
 
+@console_script("evfsam-eval")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evfsam-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evfsam-eval", description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--data", nargs="+", help="[name=]shards, one per split")
@@ -133,16 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the results as JSON (--benchmark: default <benchmark>-benchmark.json, "
                                  "and a Markdown table beside it)")
     args = p.parse_args(argv)
-
+    for option in ("devices", "batch_size"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option.replace('_', '-')} {getattr(args, option)} must be at least 1")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers} must be 0 or more")
+    if args.precision not in ("32", "bf16-mixed", "16-mixed"):
+        p.error(f"--precision {args.precision!r} is not allowed (allowed: 32, bf16-mixed, 16-mixed)")
+    checkpoint_input(args.checkpoint)
     missing: list[str] = []
-    try:
+    if args.benchmark:
+        splits, missing = find_benchmark_splits(args.benchmark, args.shards)
+    else:
+        splits = parse_data(args.data)
+    check_splits(splits)
+    out = args.out or (f"{args.benchmark}-benchmark.json" if args.benchmark else None)
+    if out:
+        output_path(out)
         if args.benchmark:
-            splits, missing = find_benchmark_splits(args.benchmark, args.shards)
-        else:
-            splits = parse_data(args.data)
-    except ConfigError as e:
-        print(f"evfsam-eval: error: {e}", file=sys.stderr)
-        return 2
+            output_path(Path(out).with_suffix(".md"))
     if missing:
         print(f"evfsam-eval: {args.benchmark}: {len(splits)} of {len(splits) + len(missing)} splits found; "
               f"missing: {', '.join(missing)}", file=sys.stderr)
@@ -169,12 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {"checkpoint": str(args.checkpoint), "shuffled_expressions": args.shuffle_expressions,
                "splits": {n: module.results[n] for n, _ in splits}, "all": module.results["all"]}
-    out = args.out
     if args.benchmark:
         results = benchmark_results(args.benchmark, args.shards, dict(splits), results)
         lines, markdown = benchmark_table(results)
         print("\n".join(lines))
-        out = out or f"{args.benchmark}-benchmark.json"
     else:
         width = max(len(n) for n, _ in splits)
         generalized = any("no_target" in r for r in results["splits"].values())

@@ -190,9 +190,9 @@ def test_benchmark_refcoco_finds_the_splits_and_writes_the_table(tmp_path, tiny_
     assert any(line.startswith("refcoco+_val") for line in captured.out.splitlines())  # the printed table
 
 
-def test_benchmark_without_any_split_is_a_one_line_error(tmp_path, capsys):
+def test_benchmark_without_any_split_is_a_one_line_error(tmp_path, tiny_checkpoint, capsys):
     (tmp_path / "shards" / "refcoco_unc").mkdir(parents=True)
-    assert evaluate(["--checkpoint", str(tmp_path / "none"), "--benchmark", "refcoco", "--shards",
+    assert evaluate(["--checkpoint", str(tiny_checkpoint), "--benchmark", "refcoco", "--shards",
                      str(tmp_path / "shards")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("evfsam-eval: error: --benchmark refcoco: no split found") and "\n" not in err
