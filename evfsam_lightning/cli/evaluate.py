@@ -49,12 +49,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import lightning as L
 
+    from evfsam_lightning.config import ConfigError
     from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
     from evfsam_lightning.training.evaluation import EvalModule
     from evfsam_lightning.training.loading import load_for_inference, tokenizer_folder
 
     splits = parse_data(args.data)
-    model, tokenizer = load_for_inference(args.checkpoint)
+    try:  # a Hub id that cannot be resolved (offline, unknown repository) is a user error
+        model, tokenizer = load_for_inference(args.checkpoint)
+    except ConfigError as e:
+        print(f"evfsam-eval: error: {e}", file=sys.stderr)
+        return 2
     cfg = model.config
     with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
         data = DataConfig(test_sources=[SourceConfig(n, u) for n, u in splits], tokenizer=str(tok_dir),

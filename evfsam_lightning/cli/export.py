@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from evfsam_lightning.config import ConfigError
     from evfsam_lightning.models.checkpoints import export_reference
     from evfsam_lightning.models.lora import merge_lora
     from evfsam_lightning.training.loading import (
@@ -45,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{args.checkpoint} is not a DeepSpeed or FSDP checkpoint directory")
         print(f"consolidated -> {consolidate(args.checkpoint, args.out)}")
         return 0
-    model, tokenizer = load_for_inference(args.checkpoint)
+    try:  # a Hub id that cannot be resolved (offline, unknown repository) is a user error
+        model, tokenizer = load_for_inference(args.checkpoint)
+    except ConfigError as e:
+        print(f"evfsam-export: error: {e}", file=sys.stderr)
+        return 2
     merged = merge_lora(model)
     if merged:
         print(f"merged the LoRA updates of {merged} layers into their weights")

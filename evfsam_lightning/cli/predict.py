@@ -66,9 +66,14 @@ def main(argv: list[str] | None = None) -> int:
             image = np.asarray(Image.open(args.image).convert("RGB"))
         except OSError as e:
             p.error(f"cannot read image {args.image}: {e}")
+    from evfsam_lightning.config import ConfigError
     from evfsam_lightning.training.loading import load_for_inference
 
-    model, tokenizer = load_for_inference(ckpt, args.device)
+    try:  # a Hub id that cannot be resolved (offline, unknown repository) is a user error
+        model, tokenizer = load_for_inference(ckpt, args.device)
+    except ConfigError as e:
+        print(f"evfsam-predict: error: {e}", file=sys.stderr)
+        return 2
     logits = model.predict(image, text, tokenizer).float().cpu()
     mask = (logits > 0).numpy()
     Image.fromarray(mask.astype(np.uint8) * 255).save(out)

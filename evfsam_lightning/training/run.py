@@ -124,11 +124,19 @@ def resolve_sam_resize(cfg: RunConfig) -> str:
 
 
 def resolve_pretrained(cfg: RunConfig) -> RunConfig:
-    """Check that `model.pretrained` holds what the run needs (naming any missing file) and turn
+    """Resolve Hub ids of `model.pretrained` / `tokenizer` / `sam_checkpoint` to local folders, check
+    that `model.pretrained` holds what the run needs (naming any missing file) and turn
     `model.size=auto` into that folder's dimensions, so that checkpoints load without the folder."""
+    from evfsam_lightning.hub import resolve
     from evfsam_lightning.models import checkpoints as ck
 
     m = cfg.model
+    # Hub ids (`org/name[@revision]`) become their local snapshot folders, once, before any work.
+    hub = {key: str(resolve(getattr(m, key), f"model.{key}")) for key in ("pretrained", "tokenizer", "sam_checkpoint")
+           if getattr(m, key)}
+    if hub:
+        m = dataclasses.replace(m, **hub)
+        cfg = dataclasses.replace(cfg, model=m)
     if not m.pretrained:
         return cfg
     try:
