@@ -330,7 +330,7 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
     cfg: EvfSamConfig = model.config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder it becomes follows the umask
+    umask = _umask()
     try:
         save_file(state, str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
         config = {
@@ -353,6 +353,10 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
             if not (tmp / TOKENIZER_FILES[0]).is_file():
                 raise CheckpointError(f"{tokenizer_dir}: no {TOKENIZER_FILES[0]} to export with the model")
             write_tokenizer_config(tmp)
+        # mkdtemp makes the folder private and safetensors its file: like save_pretrained, follow the umask.
+        tmp.chmod(0o777 & ~umask)
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
