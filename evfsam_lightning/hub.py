@@ -68,3 +68,121 @@ def resolve(value: str | os.PathLike, what: str = "checkpoint") -> Path:
                           "or set HF_TOKEN)") from None
     except HfHubHTTPError as e:
         raise ConfigError(f"{where}: {str(e).splitlines()[0]}") from None
+
+
+# -- model cards and upload ------------------------------------------------------------------------
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
+_BEST_CHECKPOINT = re.compile(r"^best-step(?P<step>\d+)-ciou(?P<ciou>[0-9.]+?)(\.ckpt)?$")
+
+
+def hub_id_of(value: str | None) -> str | None:
+    """The Hub id behind `value`: the id itself, or that of a snapshot folder of the Hub cache (what
+    a run's config holds once `model.pretrained=org/name` was resolved)."""
+    if not value:
+        return None
+    if parse_hub_id(value) and not Path(value).exists():
+        return parse_hub_id(value)[0]
+    match = _CACHE_SNAPSHOT.search(Path(value).as_posix())
+    return f"{match.group('org')}/{match.group('name')}" if match else None
+
+
+def run_dir_of(checkpoint: str | os.PathLike) -> Path | None:
+    """The `evfsam-train` run directory a checkpoint comes from (`runs/<name>` itself, or the folder
+    above its `checkpoints/`), when it has the run's `config.yaml`."""
+    path = Path(checkpoint)
+    for candidate in (path, path.parent.parent):
+        if (candidate / "config.yaml").is_file() and (candidate / "checkpoints").is_dir():
+            return candidate
+    return None
+
+
+def _evaluations(run_dir: Path) -> list[tuple[str, dict]]:
+    """(split, {giou, ciou}) of every `evfsam-eval --out` JSON under the run directory."""
+    import json
+
+    found = []
+    for file in sorted(run_dir.rglob("*.json")):
+        try:
+            results = json.loads(file.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(results, dict) and isinstance(results.get("splits"), dict) and "checkpoint" in results \
+                and not results.get("shuffled_expressions"):  # the text-blind control is no result of the model
+            found.extend((name, r) for name, r in results["splits"].items()
+                         if isinstance(r, dict) and {"giou", "ciou"} <= r.keys())
+    return found
+
+
+def model_card(checkpoint: str | os.PathLike, name: str, license: str = "apache-2.0"):
+    """A `huggingface_hub.ModelCard` (the `README.md` of an exported folder named `name`): the Hub's metadata (license,
+    library_name, pipeline_tag, base_model, datasets) and, as model-index, the evaluation results
+    found in the checkpoint's run (`evfsam-eval --out` JSON files under the run directory, and the
+    validation cIoU of a `best-...-ciou...` checkpoint)."""
+    import yaml
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    run_dir = run_dir_of(checkpoint)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir else {}
+    model = config.get("model") or {}
+    data = config.get("data") or {}
+    base_model = hub_id_of(model.get("pretrained"))
+    datasets = [s["name"] for s in data.get("train") or []] or (["synthetic"] if data.get("synthetic") else [])
+    task = {"task_type": "image-segmentation", "task_name": "Referring expression segmentation"}
+    results = []
+    for split, r in _evaluations(run_dir) if run_dir else []:
+        for metric, label in (("giou", "gIoU"), ("ciou", "cIoU")):
+            results.append(EvalResult(**task, dataset_type=split, dataset_name=split, metric_type=metric,
+                                      metric_name=label, metric_value=round(100 * float(r[metric]), 2)))
+    best = _BEST_CHECKPOINT.match(Path(checkpoint).name)
+    if best:
+        val = "+".join(s["name"] for s in data.get("val") or []) or ("synthetic" if data.get("synthetic")
+                                                                      else "validation")
+        results.append(EvalResult(**task, dataset_type=val, dataset_name=val, dataset_split="validation",
+                                  metric_type="ciou", metric_name="cIoU",
+                                  metric_value=round(100 * float(best.group("ciou")), 2)))
+    card_data = ModelCardData(
+        license=license, library_name="evfsam-lightning", pipeline_tag="image-segmentation",
+        base_model=base_model, datasets=datasets or None, model_name=name, eval_results=results or None,
+        tags=["evf-sam", "segment-anything", "referring-expression-segmentation", "text-prompted-segmentation"])
+    lines = [f"# {name}", "",
+             "EVF-SAM (early vision-language fusion for text-prompted Segment Anything): a BEiT-3 encoder reads the "
+             "image and the sentence together and prompts a SAM mask decoder. This folder has the official EVF-SAM "
+             "layout (`config.json`, `model.safetensors` under the official key names, the XLM-R tokenizer), "
+             "so the reference inference code opens it too.", ""]
+    if base_model:
+        lines += [f"Fine-tuned from [{base_model}](https://huggingface.co/{base_model}).", ""]
+    if datasets:
+        lines += [f"Training data: {', '.join(datasets)}.", ""]
+    if results:
+        lines += ["| data | metric | value |", "|---|---|---|"]
+        lines += [f"| {r.dataset_name} | {r.metric_name} | {r.metric_value:.2f} |" for r in results]
+        lines.append("")
+    lines += ["## Use", "", "```", "pip install evfsam-lightning",
+              f"evfsam-predict --checkpoint ORG/{name} --image photo.jpg --text \"the dog on the left\" --out mask.png",
+              "```", ""]
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return ModelCard(content)
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, dry_run: bool = False) -> list[str]:
+    """Upload an exported folder to the Hub repository `repo_id` (created if absent, `private` then),
+    with `huggingface_hub.upload_folder` and the usual token. With `dry_run` nothing is sent: returns
+    the files (with sizes) that would go."""
+    folder = Path(folder)
+    if parse_hub_id(repo_id) is None or "@" in repo_id:
+        raise ConfigError(f"--push-to-hub {repo_id!r}: expected a Hub repository id org/name")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    listing = [f"{p.relative_to(folder).as_posix()} ({p.stat().st_size} bytes)" for p in files]
+    if dry_run:
+        return listing
+    import httpx
+    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        create_repo(repo_id, private=private, exist_ok=True)
+        upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"Upload {folder.name} (evfsam-export)")
+    except (HfHubHTTPError, OSError, httpx.HTTPError) as e:  # OSError: offline mode, no connection
+        raise ConfigError(f"--push-to-hub {repo_id}: {type(e).__name__}: {str(e).splitlines()[0]} "
+                          f"(the export in {folder} is complete)") from None
+    return listing

@@ -104,3 +104,46 @@ def test_model_pretrained_takes_a_hub_id(tmp_path, tiny_tokenizer_dir):
     pretrained, size = result.stdout.split()[-2:]
     assert Path(pretrained) == hf_home / "hub" / "models--org--evf-tiny" / "snapshots" / MAIN_REV
     assert size == "custom"
+
+
+def test_model_card_carries_the_hub_metadata_and_the_runs_evaluations(tmp_path):
+    """The card of an export from a run: license, library_name, pipeline_tag, base_model (the Hub id
+    behind model.pretrained's cache folder), datasets, and model-index from the run's evfsam-eval
+    JSON files (not the text-blind control) and the best checkpoint's validation cIoU; it loads back
+    with huggingface_hub's ModelCard and metadata_load."""
+    import json
+
+    from huggingface_hub import ModelCard, metadata_load
+
+    from evfsam_lightning.config import load, to_yaml
+    from evfsam_lightning.hub import model_card
+
+    run = tmp_path / "runs" / "mine"
+    (run / "checkpoints").mkdir(parents=True)
+    snapshot = tmp_path / "hf" / "hub" / "models--YxZhang--evf-sam" / "snapshots" / MAIN_REV
+    cfg = load(REPO / "recipes" / "quickstart.yaml", [f"model.pretrained={snapshot}", "name=mine"])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    ckpt = run / "checkpoints" / "best-step00000500-ciou0.8123.ckpt"
+    ckpt.write_bytes(b"")
+    (run / "eval").mkdir()
+    result = {"checkpoint": str(ckpt), "shuffled_expressions": False, "all": {"giou": 0.8, "ciou": 0.81},
+              "splits": {"refcoco_val": {"giou": 0.7512, "ciou": 0.7344, "expressions": 10}}}
+    (run / "eval" / "refcoco.json").write_text(json.dumps(result))
+    control = {**result, "shuffled_expressions": True, "splits": {"blind": {"giou": 0.1, "ciou": 0.1}}}
+    (run / "eval" / "shuffled.json").write_text(json.dumps(control))
+
+    path = tmp_path / "README.md"
+    model_card(ckpt, "evf-sam-mine").save(str(path))
+    meta = metadata_load(path)
+    assert meta["license"] == "apache-2.0" and meta["library_name"] == "evfsam-lightning"
+    assert meta["pipeline_tag"] == "image-segmentation" and meta["base_model"] == "YxZhang/evf-sam"
+    assert meta["datasets"] == ["synthetic"]
+    card = ModelCard.load(path)
+    found = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert found == {("refcoco_val", "giou"): 75.12, ("refcoco_val", "ciou"): 73.44, ("synthetic", "ciou"): 81.23}
+    assert all(r.task_type == "image-segmentation" for r in card.data.eval_results)
+    assert "| refcoco_val | gIoU | 75.12 |" in card.text
+
+    bare = model_card(tmp_path / "nowhere.ckpt", "plain")  # outside a run: metadata, no model-index
+    assert bare.data.eval_results is None and bare.data.base_model is None
+    assert bare.data.pipeline_tag == "image-segmentation"

@@ -313,10 +313,12 @@ def write_tokenizer_config(folder: str | os.PathLike) -> None:
 
 
 def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-                     dtype: torch.dtype | None = None, extra_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+                     dtype: torch.dtype | None = None, extra_state: Mapping[str, torch.Tensor] | None = None,
+                     extra_files: Mapping[str, str] | None = None) -> Path:
     """Write `model` in the official layout: `model.safetensors` under official key names,
-    `config.json` (official fields plus our full dimensions) and the tokenizer files. The folder
-    is assembled under a temporary name and moved into place, so it is complete or absent."""
+    `config.json` (official fields plus our full dimensions) and the tokenizer files, plus the
+    text `extra_files` (name -> content: the model card). The folder is assembled under a temporary
+    name and moved into place, so it is complete or absent; it follows the umask."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -353,6 +355,8 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
             if not (tmp / TOKENIZER_FILES[0]).is_file():
                 raise CheckpointError(f"{tokenizer_dir}: no {TOKENIZER_FILES[0]} to export with the model")
             write_tokenizer_config(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / Path(name).name).write_text(text)
         # mkdtemp makes the folder private and safetensors its file: like save_pretrained, follow the umask.
         tmp.chmod(0o777 & ~umask)
         for file in tmp.iterdir():
