@@ -280,14 +280,26 @@ class EvfSamModule(L.LightningModule):
             })
 
     def _log_images(self) -> None:
+        """The validation panels (image, truth, prediction, text) to every logger that takes images:
+        TensorBoard, W&B, MLflow (as artifacts); the CSV logger has no images."""
         images, self._val_images = self._val_images, []
-        if not images or self.logger is None or not hasattr(self.logger.experiment, "add_image"):
+        if not images or not self.trainer.is_global_zero:
             return
+        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
         from evfsam_lightning.training.visualize import mask_panel
 
-        for i, sample in enumerate(images):
-            self.logger.experiment.add_image(f"val_masks/{i}", mask_panel(**sample), self.global_step,
-                                             dataformats="HWC")
+        panels = [(f"val_masks/{i}", mask_panel(**sample), sample["text"]) for i, sample in enumerate(images)]
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for key, panel, _ in panels:
+                    logger.experiment.add_image(key, panel, self.global_step, dataformats="HWC")
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("val_masks", [p for _, p, _ in panels], step=self.global_step,
+                                 caption=[t for _, _, t in panels])
+            elif isinstance(logger, MLFlowLogger):
+                for key, panel, _ in panels:
+                    logger.experiment.log_image(logger.run_id, panel, key=key.replace("/", "_"), step=self.global_step)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
