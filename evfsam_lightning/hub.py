@@ -96,12 +96,12 @@ def run_dir_of(checkpoint: str | os.PathLike) -> Path | None:
     return None
 
 
-def _evaluations(run_dir: Path) -> list[tuple[str, dict]]:
-    """(split, {giou, ciou}) of every `evfsam-eval --out` JSON under the run directory."""
+def _evaluations(files: list[Path]) -> list[tuple[str, dict]]:
+    """(split, {giou, ciou}) of every `evfsam-eval --out` JSON among `files` (others are passed over)."""
     import json
 
     found = []
-    for file in sorted(run_dir.rglob("*.json")):
+    for file in files:
         try:
             results = json.loads(file.read_text())
         except (OSError, ValueError):
@@ -113,11 +113,12 @@ def _evaluations(run_dir: Path) -> list[tuple[str, dict]]:
     return found
 
 
-def model_card(checkpoint: str | os.PathLike, name: str, license: str = "apache-2.0"):
+def model_card(checkpoint: str | os.PathLike, name: str, license: str = "apache-2.0",
+               results: list[str | os.PathLike] = ()):
     """A `huggingface_hub.ModelCard` (the `README.md` of an exported folder named `name`): the Hub's metadata (license,
     library_name, pipeline_tag, base_model, datasets) and, as model-index, the evaluation results
     found in the checkpoint's run (`evfsam-eval --out` JSON files under the run directory, and the
-    validation cIoU of a `best-...-ciou...` checkpoint)."""
+    validation cIoU of a `best-...-ciou...` checkpoint) and in the `results` files given."""
     import yaml
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -129,7 +130,8 @@ def model_card(checkpoint: str | os.PathLike, name: str, license: str = "apache-
     datasets = [s["name"] for s in data.get("train") or []] or (["synthetic"] if data.get("synthetic") else [])
     task = {"task_type": "image-segmentation", "task_name": "Referring expression segmentation"}
     results = []
-    for split, r in _evaluations(run_dir) if run_dir else []:
+    files = [*(sorted(run_dir.rglob("*.json")) if run_dir else []), *map(Path, results)]
+    for split, r in _evaluations(files):
         for metric, label in (("giou", "gIoU"), ("ciou", "cIoU")):
             results.append(EvalResult(**task, dataset_type=split, dataset_name=split, metric_type=metric,
                                       metric_name=label, metric_value=round(100 * float(r[metric]), 2)))

@@ -132,15 +132,18 @@ def test_model_card_carries_the_hub_metadata_and_the_runs_evaluations(tmp_path):
     control = {**result, "shuffled_expressions": True, "splits": {"blind": {"giou": 0.1, "ciou": 0.1}}}
     (run / "eval" / "shuffled.json").write_text(json.dumps(control))
 
+    after = {**result, "splits": {"mine_val": {"giou": 0.5, "ciou": 0.25, "expressions": 3}}}
+    (tmp_path / "after.json").write_text(json.dumps(after))  # outside the run: given with --results
     path = tmp_path / "README.md"
-    model_card(ckpt, "evf-sam-mine").save(str(path))
+    model_card(ckpt, "evf-sam-mine", results=[tmp_path / "after.json"]).save(str(path))
     meta = metadata_load(path)
     assert meta["license"] == "apache-2.0" and meta["library_name"] == "evfsam-lightning"
     assert meta["pipeline_tag"] == "image-segmentation" and meta["base_model"] == "YxZhang/evf-sam"
     assert meta["datasets"] == ["synthetic"]
     card = ModelCard.load(path)
     found = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
-    assert found == {("refcoco_val", "giou"): 75.12, ("refcoco_val", "ciou"): 73.44, ("synthetic", "ciou"): 81.23}
+    assert found == {("refcoco_val", "giou"): 75.12, ("refcoco_val", "ciou"): 73.44, ("synthetic", "ciou"): 81.23,
+                     ("mine_val", "giou"): 50.0, ("mine_val", "ciou"): 25.0}
     assert all(r.task_type == "image-segmentation" for r in card.data.eval_results)
     assert "| refcoco_val | gIoU | 75.12 |" in card.text
 

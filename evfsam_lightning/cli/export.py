@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--consolidate-only", action="store_true", help="sharded checkpoint -> one .ckpt file")
     p.add_argument("--license", default="apache-2.0", help="license in the model card (README.md) written beside "
                    "the weights")
+    p.add_argument("--results", nargs="+", default=[], metavar="JSON", help="evfsam-eval --out files for the model "
+                   "card's results, besides those found in the checkpoint's run directory")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the exported folder to this Hub repository "
                    "(created if absent; token from HF_TOKEN or `hf auth login`)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_folder,
     )
 
+    missing = [f for f in args.results if not Path(f).is_file()]
+    if missing:
+        p.error(f"--results: no such file {missing[0]}")
     if (args.private or args.dry_run) and not args.push_to_hub:
         p.error("--private and --dry-run go with --push-to-hub ORG/NAME")
     if args.consolidate_only:
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if merged:
         print(f"merged the LoRA updates of {merged} layers into their weights")
     with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
-        card = model_card(args.checkpoint, Path(args.out).name, license=args.license)
+        card = model_card(args.checkpoint, Path(args.out).name, license=args.license, results=args.results)
         out = export_reference(model, args.out, tokenizer_dir=tok_dir, dtype=getattr(torch, _DTYPES[args.dtype]),
                                extra_files={"README.md": str(card)})
     print(f"exported -> {out} (with a model card, README.md)")
