@@ -129,22 +129,22 @@ def model_card(checkpoint: str | os.PathLike, name: str, license: str = "apache-
     base_model = hub_id_of(model.get("pretrained"))
     datasets = [s["name"] for s in data.get("train") or []] or (["synthetic"] if data.get("synthetic") else [])
     task = {"task_type": "image-segmentation", "task_name": "Referring expression segmentation"}
-    results = []
     files = [*(sorted(run_dir.rglob("*.json")) if run_dir else []), *map(Path, results)]
+    evaluations = []
     for split, r in _evaluations(files):
         for metric, label in (("giou", "gIoU"), ("ciou", "cIoU")):
-            results.append(EvalResult(**task, dataset_type=split, dataset_name=split, metric_type=metric,
+            evaluations.append(EvalResult(**task, dataset_type=split, dataset_name=split, metric_type=metric,
                                       metric_name=label, metric_value=round(100 * float(r[metric]), 2)))
     best = _BEST_CHECKPOINT.match(Path(checkpoint).name)
     if best:
         val = "+".join(s["name"] for s in data.get("val") or []) or ("synthetic" if data.get("synthetic")
                                                                       else "validation")
-        results.append(EvalResult(**task, dataset_type=val, dataset_name=val, dataset_split="validation",
+        evaluations.append(EvalResult(**task, dataset_type=val, dataset_name=val, dataset_split="validation",
                                   metric_type="ciou", metric_name="cIoU",
                                   metric_value=round(100 * float(best.group("ciou")), 2)))
     card_data = ModelCardData(
         license=license, library_name="evfsam-lightning", pipeline_tag="image-segmentation",
-        base_model=base_model, datasets=datasets or None, model_name=name, eval_results=results or None,
+        base_model=base_model, datasets=datasets or None, model_name=name, eval_results=evaluations or None,
         tags=["evf-sam", "segment-anything", "referring-expression-segmentation", "text-prompted-segmentation"])
     lines = [f"# {name}", "",
              "EVF-SAM (early vision-language fusion for text-prompted Segment Anything): a BEiT-3 encoder reads the "
@@ -155,9 +155,9 @@ def model_card(checkpoint: str | os.PathLike, name: str, license: str = "apache-
         lines += [f"Fine-tuned from [{base_model}](https://huggingface.co/{base_model}).", ""]
     if datasets:
         lines += [f"Training data: {', '.join(datasets)}.", ""]
-    if results:
+    if evaluations:
         lines += ["| data | metric | value |", "|---|---|---|"]
-        lines += [f"| {r.dataset_name} | {r.metric_name} | {r.metric_value:.2f} |" for r in results]
+        lines += [f"| {r.dataset_name} | {r.metric_name} | {r.metric_value:.2f} |" for r in evaluations]
         lines.append("")
     lines += ["## Use", "", "```", "pip install evfsam-lightning",
               f"evfsam-predict --checkpoint ORG/{name} --image photo.jpg --text \"the dog on the left\" --out mask.png",
