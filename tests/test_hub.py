@@ -150,3 +150,22 @@ def test_model_card_carries_the_hub_metadata_and_the_runs_evaluations(tmp_path):
     bare = model_card(tmp_path / "nowhere.ckpt", "plain")  # outside a run: metadata, no model-index
     assert bare.data.eval_results is None and bare.data.base_model is None
     assert bare.data.pipeline_tag == "image-segmentation"
+
+
+def test_push_to_hub_dry_run_lists_and_a_failed_upload_is_one_line(tmp_path):
+    from evfsam_lightning.config import ConfigError
+    from evfsam_lightning.hub import push_folder
+
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    assert push_folder(folder, "me/evf", dry_run=True) == ["README.md (28 bytes)", "config.json (2 bytes)"]
+    with pytest.raises(ConfigError, match="expected a Hub repository id"):
+        push_folder(folder, "not a repo", dry_run=True)
+    code = ("from evfsam_lightning.config import ConfigError\nfrom evfsam_lightning.hub import push_folder\n"
+            f"try:\n    push_folder({str(folder)!r}, 'me/evf')\nexcept ConfigError as e:\n    print(e)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("--push-to-hub me/evf: "), out.stdout + out.stderr[-2000:]
+    assert "the export in" in out.stdout and len(out.stdout.strip().splitlines()) == 1
