@@ -114,11 +114,12 @@ def _evaluations(files: list[Path]) -> list[tuple[str, dict]]:
 
 
 def model_card(checkpoint: str | os.PathLike, name: str, license: str = "apache-2.0",
-               results: list[str | os.PathLike] = ()):
+               results: list[str | os.PathLike] = (), repo_id: str | None = None):
     """A `huggingface_hub.ModelCard` (the `README.md` of an exported folder named `name`): the Hub's metadata (license,
     library_name, pipeline_tag, base_model, datasets) and, as model-index, the evaluation results
     found in the checkpoint's run (`evfsam-eval --out` JSON files under the run directory, and the
-    validation cIoU of a `best-...-ciou...` checkpoint) and in the `results` files given."""
+    validation cIoU of a `best-...-ciou...` checkpoint) and in the `results` files given; its usage
+    example names `repo_id` (the repository it is pushed to) when given."""
     import yaml
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -160,7 +161,7 @@ def model_card(checkpoint: str | os.PathLike, name: str, license: str = "apache-
         lines += [f"| {r.dataset_name} | {r.metric_name} | {r.metric_value:.2f} |" for r in evaluations]
         lines.append("")
     lines += ["## Use", "", "```", "pip install evfsam-lightning",
-              f"evfsam-predict --checkpoint ORG/{name} --image photo.jpg --text \"the dog on the left\" --out mask.png",
+              f"evfsam-predict --checkpoint {repo_id or 'ORG/' + name} --image photo.jpg --text \"the dog on the left\" --out mask.png",
               "```", ""]
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines)
     return ModelCard(content)

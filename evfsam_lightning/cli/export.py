@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from evfsam_lightning.config import ConfigError
-    from evfsam_lightning.hub import model_card, push_folder
+    from evfsam_lightning.hub import model_card, parse_hub_id, push_folder
     from evfsam_lightning.models.checkpoints import export_reference
     from evfsam_lightning.models.lora import merge_lora
     from evfsam_lightning.training.loading import (
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--results: no such file {missing[0]}")
     if (args.private or args.dry_run) and not args.push_to_hub:
         p.error("--private and --dry-run go with --push-to-hub ORG/NAME")
+    if args.push_to_hub and (parse_hub_id(args.push_to_hub) is None or "@" in args.push_to_hub):
+        p.error(f"--push-to-hub {args.push_to_hub!r}: expected a Hub repository id ORG/NAME")
     if args.consolidate_only:
         if not is_sharded(args.checkpoint):
             p.error(f"{args.checkpoint} is not a DeepSpeed or FSDP checkpoint directory")
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     if merged:
         print(f"merged the LoRA updates of {merged} layers into their weights")
     with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
-        card = model_card(args.checkpoint, Path(args.out).name, license=args.license, results=args.results)
+        card = model_card(args.checkpoint, Path(args.out).name, license=args.license, results=args.results,
+                          repo_id=args.push_to_hub)
         out = export_reference(model, args.out, tokenizer_dir=tok_dir, dtype=getattr(torch, _DTYPES[args.dtype]),
                                extra_files={"README.md": str(card)})
     print(f"exported -> {out} (with a model card, README.md)")

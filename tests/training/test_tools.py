@@ -108,6 +108,7 @@ def test_export_writes_a_model_card_and_lists_what_push_to_hub_would_send(traine
     listed = result.stdout.split("would upload to https://huggingface.co/me/evf-tiny (private):")[1]
     for name in ("README.md", "config.json", "model.safetensors", "sentencepiece.bpe.model", "tokenizer_config.json"):
         assert f"  {name} (" in listed, result.stdout
+    assert "evfsam-predict --checkpoint me/evf-tiny " in (cwd / "carded" / "README.md").read_text()
     meta = metadata_load(cwd / "carded" / "README.md")
     assert meta["pipeline_tag"] == "image-segmentation" and meta["library_name"] == "evfsam-lightning"
     results = {(r.dataset_name, r.metric_type): r.metric_value
