@@ -15,17 +15,19 @@ is an ordinary EVF-SAM checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
+
+from evfsam_lightning.cli.errors import ArgumentParser, checkpoint_input, console_script, output_path
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
 
 
+@console_script("evfsam-export")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evfsam-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evfsam-export", description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the exported weights")
@@ -39,11 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list what would be uploaded, send nothing")
     args = p.parse_args(argv)
+    from evfsam_lightning.hub import parse_hub_id
+
+    missing = [f for f in args.results if not Path(f).is_file()]
+    if missing:
+        p.error(f"--results: no such file {missing[0]}")
+    if (args.private or args.dry_run) and not args.push_to_hub:
+        p.error("--private and --dry-run go with --push-to-hub ORG/NAME")
+    if args.push_to_hub and (parse_hub_id(args.push_to_hub) is None or "@" in args.push_to_hub):
+        p.error(f"--push-to-hub {args.push_to_hub!r}: expected a Hub repository id ORG/NAME")
+    checkpoint_input(args.checkpoint)
+    output_path(args.out, folder=not args.consolidate_only)
 
     import torch
 
-    from evfsam_lightning.config import ConfigError
-    from evfsam_lightning.hub import model_card, parse_hub_id, push_folder
+    from evfsam_lightning.hub import model_card, push_folder
     from evfsam_lightning.models.checkpoints import export_reference
     from evfsam_lightning.models.lora import merge_lora
     from evfsam_lightning.training.loading import (
@@ -53,23 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_folder,
     )
 
-    missing = [f for f in args.results if not Path(f).is_file()]
-    if missing:
-        p.error(f"--results: no such file {missing[0]}")
-    if (args.private or args.dry_run) and not args.push_to_hub:
-        p.error("--private and --dry-run go with --push-to-hub ORG/NAME")
-    if args.push_to_hub and (parse_hub_id(args.push_to_hub) is None or "@" in args.push_to_hub):
-        p.error(f"--push-to-hub {args.push_to_hub!r}: expected a Hub repository id ORG/NAME")
     if args.consolidate_only:
         if not is_sharded(args.checkpoint):
             p.error(f"{args.checkpoint} is not a DeepSpeed or FSDP checkpoint directory")
         print(f"consolidated -> {consolidate(args.checkpoint, args.out)}")
         return 0
-    try:  # a Hub id that cannot be resolved (offline, unknown repository) is a user error
-        model, tokenizer = load_for_inference(args.checkpoint)
-    except ConfigError as e:
-        print(f"evfsam-export: error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_for_inference(args.checkpoint)
     merged = merge_lora(model)
     if merged:
         print(f"merged the LoRA updates of {merged} layers into their weights")
@@ -80,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                extra_files={"README.md": str(card)})
     print(f"exported -> {out} (with a model card, README.md)")
     if args.push_to_hub:
-        try:
-            files = push_folder(out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
-        except ConfigError as e:
-            print(f"evfsam-export: error: {e}", file=sys.stderr)
-            return 2
+        files = push_folder(out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
         verb = "would upload" if args.dry_run else "uploaded"
         print(f"{verb} to https://huggingface.co/{args.push_to_hub}{' (private)' if args.private else ''}:")
         print("\n".join(f"  {f}" for f in files))
