@@ -45,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(to_yaml(cfg))
         return 0
-    from evfsam_lightning.training.preemption import preemption_exit_code
-    from evfsam_lightning.training.run import train
+    from evfsam_lightning.training.preflight import preflight
 
     try:
+        preflight(cfg)  # before Lightning is even imported: a missing file costs seconds (train checks again)
+        from evfsam_lightning.training.preemption import preemption_exit_code
+        from evfsam_lightning.training.run import train
+
         code = preemption_exit_code(train(cfg))
     except ConfigError as e:  # found once the run looks at its files (pretrained folder, shard sizes)
         print(f"evfsam-train: config error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ from evfsam_lightning.training.callbacks import (
     find_resume_checkpoint,
 )
 from evfsam_lightning.training.preemption import PreemptionCheckpoint, slurm_plugins
+from evfsam_lightning.training.preflight import preflight, tokenizer_setting
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,13 @@ def data_config(cfg: RunConfig, model_cfg):
     d = cfg.data
     train = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.train]
     val = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.val]
-    tokenizer = cfg.model.tokenizer or cfg.model.pretrained
+    setting = tokenizer_setting(cfg)
+    tokenizer = setting[1] if setting else None
     if d.synthetic is not None:
         root, tok = ensure_synthetic(cfg)
         train = train or [SourceConfig("synthetic", [str(root / "train")])]
         val = val or [SourceConfig("synthetic", [str(root / "val")])]
         tokenizer = tokenizer or str(tok)
-    if not tokenizer:
-        raise ConfigError("no tokenizer: set model.tokenizer or model.pretrained (a folder with "
-                          "sentencepiece.bpe.model)")
     return DataConfig(
         sources=train, val_sources=val, tokenizer=str(tokenizer), batch_size=cfg.trainer.micro_batch_size,
         num_workers=d.num_workers, max_expressions_per_image=d.max_expressions_per_image,
@@ -235,6 +234,7 @@ def train(cfg: RunConfig) -> L.Trainer:
     from evfsam_lightning.data.embedding_cache import EmbeddingCacheError
     from evfsam_lightning.training.module import EvfSamModule, model_size
 
+    preflight(cfg)  # every file the run needs, before anything is built
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cfg = resolve_precision(resolve_pretrained(cfg))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
