@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import tarfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from evfsam_lightning.training.callbacks import (
     atomic_write_text,
     find_resume_checkpoint,
 )
-from evfsam_lightning.training.preemption import PreemptionCheckpoint, slurm_plugins
+from evfsam_lightning.training.preemption import PreemptionCheckpoint, preemption_exit_code, slurm_plugins
 from evfsam_lightning.training.preflight import preflight, tokenizer_setting
+from evfsam_lightning.training.signals import EXIT_REQUEUED
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +230,19 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     )
 
 
+def silence_known_warnings() -> None:
+    """Filter the warnings Lightning prints on every run that we know do not apply (by message and
+    module, so that anything else still shows)."""
+    # TrainStream/EvalStream split their batches across workers and ranks themselves: __len__ is exact.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", module=r"lightning\.")
+    # Lightning's own pytree helper calls torch's deprecated LeafSpec check: not ours to change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.")
+    if "SLURM_JOB_ID" not in os.environ:  # outside a SLURM allocation there is nothing to srun into
+        warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used",
+                                module=r"lightning\.")
+
+
 def train(cfg: RunConfig) -> L.Trainer:
     """Run (or resume) training; returns the trainer after fit."""
     from evfsam_lightning.data.datamodule import EvfDataModule
@@ -235,6 +250,7 @@ def train(cfg: RunConfig) -> L.Trainer:
     from evfsam_lightning.training.module import EvfSamModule, model_size
 
     preflight(cfg)  # every file the run needs, before anything is built
+    silence_known_warnings()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cfg = resolve_precision(resolve_pretrained(cfg))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -264,6 +280,14 @@ def train(cfg: RunConfig) -> L.Trainer:
 def _print_summary(cfg: RunConfig, trainer: L.Trainer) -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     last = find_resume_checkpoint(cfg.run_dir / "checkpoints")
+    code = preemption_exit_code(trainer)
+    if code is not None:
+        then = "the requeued SLURM job resumes on its own" if code == EXIT_REQUEUED else \
+            "run the same command to resume"
+        print(f"preempted at step {trainer.global_step}: {then}")
+        if last is not None:
+            print(f"  last checkpoint: {last}")
+        return
     print(f"finished at step {trainer.global_step}")
     if trainer.global_step < cfg.trainer.max_steps and cfg.checkpoint.early_stopping_patience:
         print(f"  stopped early: val/ciou did not improve for {cfg.checkpoint.early_stopping_patience} validations")
