@@ -62,7 +62,7 @@ def _write_refcoco_like_shards(root: Path) -> None:
                     sink.write(make_sample(f"{name}_{split}_{i}", "refcoco", height=48, width=64, seed=i))
 
 
-def _stage(name: str, args: list[str], cwd: Path, stages: dict, timeout: int = 1200) -> str:
+def _stage(name: str, args: list[str], cwd: Path, stages: dict, timeout: int = 2400) -> str:
     """Run one console script as a subprocess; record its wall time and the peak RSS of all
     children so far (ru_maxrss, KiB on Linux)."""
     t0 = time.perf_counter()
