@@ -73,26 +73,32 @@ def _stage(name: str, args: list[str], cwd: Path, stages: dict, timeout: int = 2
     return job.stdout + job.stderr
 
 
+#: The released model's parameter count (SPEC), and the tiny stand-in that runs the same steps quickly.
+PARAMETERS = {"evf-sam": 1_315_105_328, "tiny": sum(p.numel() for p in build_model("tiny", device="meta").parameters())}
+
+
 @pytest.mark.slow
-@pytest.mark.fullsize
-def test_refcoco_recipe_at_full_size_trains_resumes_exports_and_predicts(tmp_path):
+@pytest.mark.parametrize("size", [pytest.param("evf-sam", marks=pytest.mark.fullsize), "tiny"])
+def test_refcoco_recipe_at_full_size_trains_resumes_exports_and_predicts(size, tmp_path):
     """recipes/evfsam_refcoco.yaml with the released file formats at full size (random weights):
     2 steps at micro-batch 1 on one CPU process, resume for a third, export, predict from the export.
     Changed from the recipe: device (cpu, 1 process, strategy auto instead of DeepSpeed, which needs
     several ranks' worth of machinery for nothing on one CPU process), batch sizes, steps, loader
-    workers. Kept: sizes, mode, precision, save_frozen=false, optimiser and schedule."""
+    workers. Kept: sizes, mode, precision, save_frozen=false, optimiser and schedule. The `tiny`
+    case runs the same steps with the tiny model (its files in the same formats) in a minute."""
     from safetensors import safe_open
 
     from evfsam_lightning.testing.fullsize import BEIT3_FILE, SAM_FILE
 
     stages: dict[str, tuple[float, float]] = {}
-    _stage("generate", ["evfsam_lightning.testing.fullsize", "checkpoints"], tmp_path, stages)
+    _stage("generate", ["evfsam_lightning.testing.fullsize", "checkpoints", "--size", size], tmp_path, stages)
     _write_refcoco_like_shards(tmp_path)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
 
     recipe = str(REPO / "recipes" / "evfsam_refcoco.yaml")
     small = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.global_batch_size=1",
-             "trainer.micro_batch_size=1", "strategy.name=auto", "data.num_workers=0", "logging.progress_bar=false"]
+             "trainer.micro_batch_size=1", "strategy.name=auto", "data.num_workers=0", "logging.progress_bar=false",
+             f"model.size={size}"]
     out = _stage("train 2 steps", ["evfsam_lightning.cli.train", recipe, "trainer.max_steps=2", *small], tmp_path,
                  stages)
     assert "finished at step 2" in out, out
@@ -113,7 +119,7 @@ def test_refcoco_recipe_at_full_size_trains_resumes_exports_and_predicts(tmp_pat
     beit3 = torch.load(tmp_path / "checkpoints" / BEIT3_FILE, map_location="cpu", weights_only=True, mmap=True)["model"]
     with safe_open(str(exported / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
-        assert sum(math.prod(f.get_slice(k).get_shape()) for k in keys) == 1_315_105_328
+        assert sum(math.prod(f.get_slice(k).get_shape()) for k in keys) == PARAMETERS[size]
         # The frozen encoder comes from its fp32 pretrained file, bit for bit; BEiT-3 trained.
         name = "image_encoder.patch_embed.proj.weight"
         assert torch.equal(f.get_tensor(f"visual_model.{name}"), sam[name])
