@@ -13,6 +13,7 @@ A sample is one image with its objects. In a WebDataset tar, the members of samp
      "image": {"member": "jpg", "height": H, "width": W, "file": "COCO_train2014_...jpg"},
      "objects": [{"mask": "mask_000.png", "expressions": ["the man on the left", ...],
                   "category": "person", "id": "ann 123 / ref 45"}, ...],
+     # gRefCOCO no-target expressions: an all-zero mask and "no_target": true in the object
      "meta": {...free-form provenance, e.g. split...}}
 
 Expressions are stored as the model will read them: the SPEC's text rules (the `[semantic] `
@@ -61,6 +62,7 @@ class SampleObject:
     mask: np.ndarray
     category: str | None = None
     id: str | None = None
+    no_target: bool = False  # an expression that refers to nothing in the image (gRefCOCO): all-zero mask
 
 
 @dataclass
@@ -135,6 +137,8 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
             rec["category"] = obj.category
         if obj.id is not None:
             rec["id"] = obj.id
+        if obj.no_target:
+            rec["no_target"] = True
         objects.append(rec)
     record = {
         "version": SCHEMA_VERSION, "key": sample.key, "source": sample.source, "task": sample.task,
@@ -176,7 +180,7 @@ def decode_sample(members: dict[str, Any], where: str | None = None) -> Sample:
         mask = decode_mask_png(members[name], f"{where}.{name}")
         if mask.shape != (height, width):
             raise SampleError("mask_size", f"{where}: mask {name} is {mask.shape}, image is {(height, width)}")
-        objects.append(SampleObject(exprs, mask, o.get("category"), o.get("id")))
+        objects.append(SampleObject(exprs, mask, o.get("category"), o.get("id"), no_target=o.get("no_target") is True))
     if not objects:
         raise SampleError("no_expression", f"{where}: sample has no object")
     return Sample(key=str(rec.get("key", key)), source=source, task=task, image_bytes=members[ext],
