@@ -10,6 +10,7 @@ import math
 import os
 import tarfile
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from evfsam_lightning.training.callbacks import (
     find_resume_checkpoint,
 )
 from evfsam_lightning.training.peers import PeerTable
-from evfsam_lightning.training.preemption import PreemptionCheckpoint, slurm_plugins
+from evfsam_lightning.training.preemption import PreemptionCheckpoint, preemption_exit_code, slurm_plugins
+from evfsam_lightning.training.preflight import preflight, tokenizer_setting
+from evfsam_lightning.training.signals import EXIT_REQUEUED
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +112,13 @@ def data_config(cfg: RunConfig, model_cfg):
     d = cfg.data
     train = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.train]
     val = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.val]
-    tokenizer = cfg.model.tokenizer or cfg.model.pretrained
-    if tokenizer and not (Path(tokenizer) / "sentencepiece.bpe.model").is_file():
-        key = "model.tokenizer" if cfg.model.tokenizer else "model.pretrained"
-        raise ConfigError(f"{key}={tokenizer!r}: no sentencepiece.bpe.model there (give the folder that holds it)")
+    setting = tokenizer_setting(cfg)  # its folder and sentencepiece model are checked by preflight()
+    tokenizer = setting[1] if setting else None
     if d.synthetic is not None:
         root, tok = ensure_synthetic(cfg)
         train = train or [SourceConfig("synthetic", [str(root / "train")])]
         val = val or [SourceConfig("synthetic", [str(root / "val")])]
         tokenizer = tokenizer or str(tok)
-    if not tokenizer:
-        raise ConfigError("no tokenizer: set model.tokenizer or model.pretrained (a folder with "
-                          "sentencepiece.bpe.model)")
     return DataConfig(
         sources=train, val_sources=val, tokenizer=str(tokenizer), batch_size=cfg.trainer.micro_batch_size,
         num_workers=d.num_workers, max_expressions_per_image=d.max_expressions_per_image,
@@ -357,12 +355,27 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     )
 
 
+def silence_known_warnings() -> None:
+    """Filter the warnings Lightning prints on every run that we know do not apply (by message and
+    module, so that anything else still shows)."""
+    # TrainStream/EvalStream split their batches across workers and ranks themselves: __len__ is exact.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", module=r"lightning\.")
+    # Lightning's own pytree helper calls torch's deprecated LeafSpec check: not ours to change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.")
+    if "SLURM_JOB_ID" not in os.environ:  # outside a SLURM allocation there is nothing to srun into
+        warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used",
+                                module=r"lightning\.")
+
+
 def train(cfg: RunConfig) -> L.Trainer:
     """Run (or resume) training; returns the trainer after fit."""
     from evfsam_lightning.data.datamodule import EvfDataModule
     from evfsam_lightning.data.embedding_cache import EmbeddingCacheError
     from evfsam_lightning.training.module import EvfSamModule, model_size
 
+    preflight(cfg)  # every file the run needs, before anything is built
+    silence_known_warnings()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cfg = resolve_precision(resolve_pretrained(cfg))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -398,6 +411,14 @@ def train(cfg: RunConfig) -> L.Trainer:
 def _print_summary(cfg: RunConfig, trainer: L.Trainer) -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     last = find_resume_checkpoint(cfg.run_dir / "checkpoints")
+    code = preemption_exit_code(trainer)
+    if code is not None:
+        then = "the requeued SLURM job resumes on its own" if code == EXIT_REQUEUED else \
+            "run the same command to resume"
+        print(f"preempted at step {trainer.global_step}: {then}")
+        if last is not None:
+            print(f"  last checkpoint: {last}")
+        return
     print(f"finished at step {trainer.global_step}")
     if trainer.global_step < cfg.trainer.max_steps and cfg.checkpoint.early_stopping_patience:
         print(f"  stopped early: val/ciou did not improve for {cfg.checkpoint.early_stopping_patience} validations")
