@@ -1,0 +1,161 @@
+"""Checkpoint integrity: markers record sizes and CRC-32s, damaged checkpoints are skipped on resume,
+failed saves leave nothing behind, one training process per run directory, no temporary files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from evfsam_lightning.config import ConfigError
+from evfsam_lightning.training.callbacks import (
+    LAST_POINTER,
+    DamagedCheckpoint,
+    checkpoint_files,
+    file_digest,
+    find_resume_checkpoint,
+    marker_of,
+    remove_stale_staging,
+    staging_of,
+    verify_checkpoint,
+)
+from evfsam_lightning.training.run import RunLock
+from tests.training.conftest import clean_env, run_training, small_run, synthetic_dir, train_command  # noqa: F401
+
+
+def damage(path: Path, how: str) -> None:
+    """Truncate, zero (a run of bytes in the middle) or flip one byte of a file in place."""
+    size = path.stat().st_size
+    if how == "truncate":
+        os.truncate(path, size // 2)
+    elif how == "zero":
+        with open(path, "r+b") as f:
+            f.seek(size // 3)
+            f.write(bytes(min(4096, size // 3)))
+    elif how == "flip":
+        with open(path, "r+b") as f:
+            f.seek(size // 2)
+            byte = f.read(1)
+            f.seek(size // 2)
+            f.write(bytes([byte[0] ^ 0x01]))
+    else:
+        raise ValueError(how)
+
+
+def _fake_checkpoint(folder: Path, step: int, sharded: bool) -> Path:
+    """A complete checkpoint as `save_complete_checkpoint` marks it (file or sharded directory)."""
+    path = folder / f"step-{step:08d}.ckpt"
+    if sharded:
+        (path / "checkpoint").mkdir(parents=True)
+        for rank in range(2):
+            (path / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(50_000))
+        (path / "latest").write_text("checkpoint")
+    else:
+        path.write_bytes(os.urandom(100_000))
+    files = {rel: file_digest(path if rel == "." else path / rel) for rel in checkpoint_files(path)}
+    marker_of(path).write_text(json.dumps({"step": step, "files": files}))
+    (folder / LAST_POINTER).write_text(json.dumps({"checkpoint": path.name, "step": step}))
+    return path
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
+@pytest.mark.parametrize("how", ["truncate", "zero", "flip"])
+def test_damage_is_detected_naming_the_file_and_resume_falls_back(tmp_path, capsys, sharded, how):
+    older = _fake_checkpoint(tmp_path, 10, sharded)
+    newest = _fake_checkpoint(tmp_path, 20, sharded)
+    verify_checkpoint(newest)
+    assert find_resume_checkpoint(tmp_path, verify=True) == newest
+    victim = newest / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt" if sharded else newest
+    damage(victim, how)
+    with pytest.raises(DamagedCheckpoint, match=str(victim)):
+        verify_checkpoint(newest)
+    assert find_resume_checkpoint(tmp_path, verify=True) == older
+    assert str(victim) in capsys.readouterr().out  # the warning names the damaged file
+    assert find_resume_checkpoint(tmp_path) == newest  # without verification: the newest marker
+
+
+def test_missing_shard_and_unverifiable_old_marker(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path, 5, sharded=True)
+    victim = ckpt / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    victim.unlink()
+    with pytest.raises(DamagedCheckpoint, match="missing"):
+        verify_checkpoint(ckpt)
+    old = tmp_path / "step-00000001.ckpt"
+    old.write_bytes(b"x")
+    marker_of(old).write_text(json.dumps({"step": 1}))  # written before checksums existed
+    verify_checkpoint(old)
+
+
+def test_explicitly_named_damaged_checkpoint_is_a_config_error(tmp_path):
+    from evfsam_lightning.config import load
+    from evfsam_lightning.training.run import resume_path
+
+    ckpt = _fake_checkpoint(tmp_path, 3, sharded=False)
+    damage(ckpt, "flip")
+    cfg = load(Path(__file__).parents[2] / "recipes" / "quickstart.yaml", [f"checkpoint.resume={ckpt}"])
+    with pytest.raises(ConfigError, match=f"checkpoint.resume={ckpt}.*{ckpt}.*damaged"):
+        resume_path(cfg)
+
+
+def test_stale_staging_and_unmarked_checkpoints_are_removed(tmp_path):
+    keep = _fake_checkpoint(tmp_path, 4, sharded=False)
+    staged_dir = staging_of(tmp_path / "step-00000008.ckpt")
+    (staged_dir / "checkpoint").mkdir(parents=True)
+    (staged_dir / "checkpoint" / "x.pt").write_bytes(b"1")
+    staged_file = staging_of(tmp_path / "step-00000006.ckpt")
+    staged_file.write_bytes(b"1")
+    unmarked = tmp_path / "step-00000007.ckpt"
+    unmarked.write_bytes(b"partial")
+    tmp_marker = tmp_path / ".last.json.tmp1234"
+    tmp_marker.write_text("{")
+    removed = set(remove_stale_staging(tmp_path))
+    assert removed == {staged_dir, staged_file, unmarked, tmp_marker}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST_POINTER, keep.name, marker_of(keep).name]
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from evfsam_lightning.training.run import RunLock
+lock = RunLock(Path(sys.argv[1]))
+lock.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_run_lock_refuses_a_second_holder_and_takes_over_a_killed_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    env = clean_env()
+    env.pop("SLURM_JOB_ID", None)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"in use by another evfsam-train .*PID {holder.pid}"):
+            RunLock(tmp_path).acquire()
+        # A requeued SLURM job is not blocked by its own earlier start (same SLURM_JOB_ID).
+        (tmp_path / ".lock").write_text(json.dumps({"host": "n1", "pid": holder.pid, "slurm_job_id": "77"}))
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        RunLock(tmp_path).acquire()
+        assert "this SLURM job 77" in capsys.readouterr().out
+        monkeypatch.setenv("SLURM_JOB_ID", "78")
+        with pytest.raises(ConfigError, match="in use"):
+            RunLock(tmp_path).acquire()
+        monkeypatch.delenv("SLURM_JOB_ID")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"host": "h", "pid": holder.pid}))
+    with RunLock(tmp_path):
+        assert f"stale lock of host h, PID {holder.pid}" in capsys.readouterr().out
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert (tmp_path / ".lock").read_text() == ""  # a clean end leaves no holder behind
