@@ -45,14 +45,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(to_yaml(cfg))
         return 0
+    from evfsam_lightning.training.callbacks import CheckpointWriteError
     from evfsam_lightning.training.preemption import preemption_exit_code
-    from evfsam_lightning.training.run import train
+    from evfsam_lightning.training.run import launch_rank, train
 
     try:
         code = preemption_exit_code(train(cfg))
     except ConfigError as e:  # found once the run looks at its files (pretrained folder, shard sizes)
         print(f"evfsam-train: config error: {e}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as e:  # disk full, quota, I/O error: every rank raises it, rank 0 says it
+        if launch_rank(cfg.trainer.devices) == 0:
+            print(f"evfsam-train: error: {e}", file=sys.stderr)
+        return 1
     return 0 if code is None else code
 
 

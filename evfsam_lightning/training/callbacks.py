@@ -223,10 +223,27 @@ class StagedCheckpointIO(TorchCheckpointIO):
             raise TypeError("StagedCheckpointIO takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except RuntimeError as e:  # torch's zip writer reports a failed write as "unexpected pos"
+            cause = _os_error_in(e)
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError (e.g. ENOSPC) an exception was raised while handling, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _all_gather(trainer: L.Trainer, obj):
@@ -287,8 +304,11 @@ def save_complete_checkpoint(trainer: L.Trainer, filepath: str | Path, weights_o
     error: str | None = None
     try:
         trainer.save_checkpoint(str(staging), weights_only)
-    except OSError as e:
-        error = _write_error(filepath, e)
+    except Exception as e:  # DeepSpeed / DCP may wrap the OSError of a failed write
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        error = _write_error(filepath, cause)
     errors = [e for e in _all_gather(trainer, error) if e]
     files: dict = {}
     if not errors:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -159,3 +158,127 @@ def test_run_lock_refuses_a_second_holder_and_takes_over_a_killed_one(tmp_path, 
         assert f"stale lock of host h, PID {holder.pid}" in capsys.readouterr().out
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert (tmp_path / ".lock").read_text() == ""  # a clean end leaves no holder behind
+
+
+# -- real runs -------------------------------------------------------------------------------------
+RUN = ("trainer.max_steps=10", "checkpoint.every_n_steps=2", "trainer.global_batch_size=4",
+       "trainer.micro_batch_size=4", "checkpoint.keep_top_k=0")
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 10
+    return {k: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, synthetic_dir):  # noqa: F811
+    """Final weights of an uninterrupted run of RUN."""
+    cwd = tmp_path_factory.mktemp("straight")
+    run_training(cwd, *small_run(synthetic_dir, *RUN), timeout=900)
+    return _weights(find_resume_checkpoint(cwd / "runs" / "quickstart" / "checkpoints"))
+
+
+def _left_behind(*folders: Path) -> list[Path]:
+    """Temporary or staging files anywhere under the folders."""
+    return [p for f in folders for p in f.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                            text=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.strip()}")
+
+
+@pytest.mark.slow
+def test_resume_auto_skips_damaged_checkpoints_and_ends_like_an_uninterrupted_run(tmp_path, synthetic_dir,  # noqa: F811
+                                                                                  straight):
+    overrides = small_run(synthetic_dir, *RUN, "checkpoint.keep_last=4")
+    ckpt_dir = tmp_path / "runs" / "quickstart" / "checkpoints"
+    proc = subprocess.Popen(train_command(*overrides), cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None and len(list(ckpt_dir.glob("*.complete"))) < 4:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before its fourth checkpoint"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    complete = sorted(m.with_name(m.name[: -len(".complete")]) for m in ckpt_dir.glob("*.complete"))
+    assert len(complete) == 4
+    oldest, *damaged = complete
+    for ckpt, how in zip(damaged, ("flip", "zero", "truncate"), strict=True):
+        damage(ckpt, how)
+    resumed = run_training(tmp_path, *overrides, timeout=900)
+    for ckpt in damaged:
+        assert f"skipping a damaged checkpoint: checkpoint {ckpt}" in resumed.stdout
+    assert f"resuming from {oldest}" in resumed.stdout
+    _assert_same(_weights(find_resume_checkpoint(ckpt_dir, verify=True)), straight)
+
+
+@pytest.mark.slow
+def test_preempt_resume_finish_with_a_small_tmpdir_leaves_only_the_kept_checkpoints(tmp_path, synthetic_dir,  # noqa: F811
+                                                                                     straight):
+    tmpdir = tmp_path / "tmpdir"
+    _mount_tmpfs(tmpdir, "10M")  # smaller than one checkpoint (about 20 MB): staging there would fail
+    try:
+        env = clean_env() | {"TMPDIR": str(tmpdir)}
+        overrides = small_run(synthetic_dir, *RUN)
+        ckpt_dir = tmp_path / "runs" / "quickstart" / "checkpoints"
+        proc = subprocess.Popen(train_command(*overrides), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None and not any(ckpt_dir.glob("*.complete")):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 75, out[-3000:]
+        preempted = find_resume_checkpoint(ckpt_dir)
+        result = subprocess.run(train_command(*overrides), cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert f"resuming from {preempted}" in result.stdout
+        names = sorted(p.name for p in ckpt_dir.iterdir())
+        assert names == [LAST_POINTER, "step-00000008.ckpt", "step-00000008.ckpt.complete", "step-00000010.ckpt",
+                         "step-00000010.ckpt.complete"], names  # keep_last=2; the preemption one rotated away
+        assert not _left_behind(tmp_path / "runs", tmpdir)
+        assert not list(tmpdir.iterdir())
+        _assert_same(_weights(ckpt_dir / "step-00000010.ckpt"), straight)
+    finally:
+        subprocess.run(["umount", "-l", str(tmpdir)], check=False)
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_stops_with_one_line_and_rerun_resumes_exactly(tmp_path, synthetic_dir,  # noqa: F811
+                                                                               straight):
+    root = tmp_path / "small"
+    _mount_tmpfs(root, "50M")  # two checkpoints of about 20 MB fit, a third does not
+    try:
+        overrides = small_run(synthetic_dir, *RUN, f"root_dir={root}", "logging.tensorboard=false")
+        result = subprocess.run(train_command(*overrides), cwd=tmp_path, env=clean_env(), capture_output=True,
+                                text=True, timeout=900)
+        assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if "could not write" in line]
+        assert len(lines) == 1 and lines[0].startswith("evfsam-train: error: "), result.stderr[-3000:]
+        ckpt_dir = root / "quickstart" / "checkpoints"
+        assert "could not write checkpoint " + str(ckpt_dir / "step-00000006.ckpt") in lines[0]
+        assert "No space left on device" in lines[0] and "needs about" in lines[0] and "free" in lines[0]
+        assert not _left_behind(root)
+        kept = find_resume_checkpoint(ckpt_dir, verify=True)
+        assert kept == ckpt_dir / "step-00000004.ckpt"
+        subprocess.run(["mount", "-o", "remount,size=200M", str(root)], check=True)  # space freed
+        resumed = run_training(tmp_path, *overrides, timeout=900)
+        assert f"resuming from {kept}" in resumed.stdout
+        _assert_same(_weights(find_resume_checkpoint(ckpt_dir, verify=True)), straight)
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
