@@ -282,3 +282,38 @@ def test_disk_full_during_a_save_stops_with_one_line_and_rerun_resumes_exactly(t
         _assert_same(_weights(find_resume_checkpoint(ckpt_dir, verify=True)), straight)
     finally:
         subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sharded_fsdp_checkpoint_damaged_on_one_rank_falls_back_and_ends_like_an_uninterrupted_run(
+        tmp_path, synthetic_dir):  # noqa: F811
+    from evfsam_lightning.training.loading import consolidate
+
+    overrides = small_run(synthetic_dir, "trainer.max_steps=6", "checkpoint.every_n_steps=2",
+                          "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.devices=2",
+                          "trainer.accelerator=cpu", "strategy.name=fsdp", "checkpoint.keep_top_k=0",
+                          "logging.tensorboard=false")
+    straight_dir, damaged_dir = tmp_path / "straight", tmp_path / "damaged"
+    straight_dir.mkdir()
+    damaged_dir.mkdir()
+    run_training(straight_dir, *overrides, timeout=900)
+    first = run_training(damaged_dir, *overrides[:-1], "trainer.max_steps=4", timeout=900)  # steps 2 and 4 kept
+    assert "starting from scratch" in first.stdout
+    ckpt_dir = damaged_dir / "runs" / "quickstart" / "checkpoints"
+    newest = find_resume_checkpoint(ckpt_dir)
+    assert newest.name == "step-00000004.ckpt" and newest.is_dir()
+    assert set(json.loads(marker_of(newest).read_text())["files"]) == set(checkpoint_files(newest))
+    victim = newest / "__1_0.distcp"  # rank 1's shard
+    damage(victim, "flip")
+    resumed = run_training(damaged_dir, *overrides, timeout=900)
+    assert f"skipping a damaged checkpoint: checkpoint {newest}: {victim}" in resumed.stdout
+    assert f"resuming from {ckpt_dir / 'step-00000002.ckpt'}" in resumed.stdout
+
+    def final(run: Path) -> dict[str, torch.Tensor]:
+        ckpt = find_resume_checkpoint(run / "runs" / "quickstart" / "checkpoints", verify=True)
+        state = torch.load(consolidate(ckpt, run / "full.ckpt"), map_location="cpu", weights_only=True)
+        assert state["global_step"] == 6
+        return {k: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+
+    _assert_same(final(damaged_dir), final(straight_dir))
