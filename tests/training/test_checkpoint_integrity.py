@@ -219,9 +219,9 @@ def test_resume_auto_skips_damaged_checkpoints_and_ends_like_an_uninterrupted_ru
     for ckpt, how in zip(damaged, ("flip", "zero", "truncate"), strict=True):
         damage(ckpt, how)
     resumed = run_training(tmp_path, *overrides, timeout=900)
-    for ckpt in damaged:
-        assert f"skipping a damaged checkpoint: checkpoint {ckpt}" in resumed.stdout
-    assert f"resuming from {oldest}" in resumed.stdout
+    for ckpt in damaged:  # the run names its checkpoints relative to its working directory
+        assert f"skipping a damaged checkpoint: checkpoint {ckpt.relative_to(tmp_path)}" in resumed.stdout
+    assert f"resuming from {oldest.relative_to(tmp_path)}" in resumed.stdout
     _assert_same(_weights(find_resume_checkpoint(ckpt_dir, verify=True)), straight)
 
 
@@ -246,7 +246,7 @@ def test_preempt_resume_finish_with_a_small_tmpdir_leaves_only_the_kept_checkpoi
         result = subprocess.run(train_command(*overrides), cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=900)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        assert f"resuming from {preempted}" in result.stdout
+        assert f"resuming from {preempted.relative_to(tmp_path)}" in result.stdout
         names = sorted(p.name for p in ckpt_dir.iterdir())
         assert names == [LAST_POINTER, "step-00000008.ckpt", "step-00000008.ckpt.complete", "step-00000010.ckpt",
                          "step-00000010.ckpt.complete"], names  # keep_last=2; the preemption one rotated away
@@ -307,8 +307,9 @@ def test_sharded_fsdp_checkpoint_damaged_on_one_rank_falls_back_and_ends_like_an
     victim = newest / "__1_0.distcp"  # rank 1's shard
     damage(victim, "flip")
     resumed = run_training(damaged_dir, *overrides, timeout=900)
-    assert f"skipping a damaged checkpoint: checkpoint {newest}: {victim}" in resumed.stdout
-    assert f"resuming from {ckpt_dir / 'step-00000002.ckpt'}" in resumed.stdout
+    rel = newest.relative_to(damaged_dir)
+    assert f"skipping a damaged checkpoint: checkpoint {rel}: {rel / victim.name} is damaged" in resumed.stdout
+    assert f"resuming from {rel.with_name('step-00000002.ckpt')}" in resumed.stdout
 
     def final(run: Path) -> dict[str, torch.Tensor]:
         ckpt = find_resume_checkpoint(run / "runs" / "quickstart" / "checkpoints", verify=True)
@@ -317,3 +318,21 @@ def test_sharded_fsdp_checkpoint_damaged_on_one_rank_falls_back_and_ends_like_an
         return {k: v for k, v in state["state_dict"].items() if k.startswith("model.")}
 
     _assert_same(final(damaged_dir), final(straight_dir))
+
+
+def test_eval_and_export_verify_what_they_load(tmp_path, capsys):
+    from evfsam_lightning.training.loading import best_checkpoint, load_for_inference
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    older = _fake_checkpoint(folder, 2, sharded=False)
+    newest = _fake_checkpoint(folder, 4, sharded=False)
+    damage(newest, "zero")
+    with pytest.raises(DamagedCheckpoint, match=str(newest)):  # evfsam-eval / evfsam-export --checkpoint FILE
+        load_for_inference(newest)
+    assert best_checkpoint(tmp_path / "run") == older  # --checkpoint RUN_DIR: the damaged one is skipped
+    assert str(newest) in capsys.readouterr().out
+    result = subprocess.run([sys.executable, "-m", "evfsam_lightning.cli.export", "--checkpoint", str(newest),
+                             "--out", str(tmp_path / "out")], env=clean_env(), capture_output=True, text=True)
+    assert result.returncode != 0 and str(newest) in result.stderr and "damaged" in result.stderr
+    assert not (tmp_path / "out").exists()
