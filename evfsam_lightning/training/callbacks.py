@@ -49,7 +49,7 @@ class DamagedCheckpoint(CheckpointError):
     """A checkpoint marked complete whose files no longer match its marker; the message names the file."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (disk full, quota, I/O error); one line naming the file."""
 
 

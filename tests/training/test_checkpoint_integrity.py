@@ -57,8 +57,8 @@ def _fake_checkpoint(folder: Path, step: int, sharded: bool) -> Path:
         for rank in range(2):
             (path / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(os.urandom(50_000))
         (path / "latest").write_text("checkpoint")
-    else:
-        path.write_bytes(os.urandom(100_000))
+    else:  # a real torch zip archive, as a .ckpt is (the config check looks at that)
+        torch.save({"state_dict": {"w": torch.randn(25_000)}}, path)
     files = {rel: file_digest(path if rel == "." else path / rel) for rel in checkpoint_files(path)}
     marker_of(path).write_text(json.dumps({"step": step, "files": files}))
     (folder / LAST_POINTER).write_text(json.dumps({"checkpoint": path.name, "step": step}))
@@ -266,7 +266,7 @@ def test_disk_full_during_a_save_stops_with_one_line_and_rerun_resumes_exactly(t
         overrides = small_run(synthetic_dir, *RUN, f"root_dir={root}", "logging.tensorboard=false")
         result = subprocess.run(train_command(*overrides), cwd=tmp_path, env=clean_env(), capture_output=True,
                                 text=True, timeout=900)
-        assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
         lines = [line for line in result.stderr.splitlines() if "could not write" in line]
         assert len(lines) == 1 and lines[0].startswith("evfsam-train: error: "), result.stderr[-3000:]
@@ -334,5 +334,7 @@ def test_eval_and_export_verify_what_they_load(tmp_path, capsys):
     assert str(newest) in capsys.readouterr().out
     result = subprocess.run([sys.executable, "-m", "evfsam_lightning.cli.export", "--checkpoint", str(newest),
                              "--out", str(tmp_path / "out")], env=clean_env(), capture_output=True, text=True)
-    assert result.returncode != 0 and str(newest) in result.stderr and "damaged" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("evfsam-export: error: checkpoint ") and str(newest) in line and "damaged" in line
     assert not (tmp_path / "out").exists()
