@@ -141,9 +141,14 @@ class CheckpointConfig:
     every_n_steps: int = doc(500, "save every N optimizer steps (and always at the end); 0: only at the end "
                                   "and on preemption")
     keep_top_k: int = doc(1, "best checkpoints kept by validation cIoU (besides the last)")
+    keep_last: int = doc(2, "newest periodic checkpoints kept (2: one to fall back to should the newest be damaged)")
     save_frozen: bool = doc(True, "false: leave frozen weights out (reloaded from their source on resume)")
-    resume: str = doc("auto", "auto (newest complete checkpoint of the run), false (start over), or a checkpoint "
-                              "path (a .ckpt file or a DeepSpeed/FSDP checkpoint directory)")
+    resume: str = doc("auto", "auto (newest complete checkpoint of the run that verifies; a damaged one is skipped "
+                              "with a warning), false (start over), or a checkpoint path (a .ckpt file or a "
+                              "DeepSpeed/FSDP checkpoint directory)")
+    reset_data_position: bool = doc(False, "resume on another process layout (devices x nodes, workers, micro-batch): "
+                                           "keep weights, optimizer, schedule and step, restart the data stream at "
+                                           "the new layout's next epoch boundary with shards not yet read")
     early_stopping_patience: int = doc(0, "stop after this many validations without a better val/ciou (0: off)")
 
 
@@ -336,6 +341,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                 raise ConfigError(f"data.embedding_cache needs a frozen SAM image encoder: model.unfreeze "
                                   f"entry {prefix!r} trains it")
     _validate_loggers(cfg.logging)
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be at least 1")
     _check_run_paths(cfg)
     return cfg
 

@@ -71,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         is_sharded,
         load_for_inference,
         tokenizer_folder,
+        verify_if_marked,
     )
 
     if args.consolidate_only:
         if not is_sharded(args.checkpoint):
             p.error(f"{args.checkpoint} is not a DeepSpeed or FSDP checkpoint directory")
+        verify_if_marked(args.checkpoint)
         print(f"consolidated -> {consolidate(args.checkpoint, args.out)}")
         return 0
     if args.format == "onnx":
