@@ -135,12 +135,11 @@ class EvfSamModule(L.LightningModule):
 
     def image_features(self, batch: dict) -> dict[str, torch.Tensor]:
         """SAM image features of the batch's images: those of an embedding cache when the batch
-        carries `image_features` (bf16, cast to the weights' dtype), else the encoder's, run under
-        no-grad when it is frozen."""
+        carries `image_features` (bf16; the model casts them to its decoder's dtype), else the
+        encoder's, run under no-grad when it is frozen."""
         cached = batch.get("image_features")
         if cached is not None:
-            dtype = next(self.model.parameters()).dtype
-            return {k: v.to(dtype) for k, v in cached.items()}
+            return cached
         frozen = fully_frozen_modules(self.model)
         if frozen:
             with torch.no_grad():
