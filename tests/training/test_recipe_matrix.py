@@ -13,6 +13,7 @@ New recipes join by being in recipes/.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,15 @@ def _final_weights(run_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state["state_dict"].items() if k.startswith("model.")}
 
 
+def _frozen_names(cfg) -> list[str]:
+    from evfsam_lightning.training.module import build_configured_model
+    from evfsam_lightning.training.trainable import apply_trainable
+
+    model = build_configured_model(cfg)
+    m = cfg.model
+    return apply_trainable(model, model.config.family, m.mode, m.freeze, m.unfreeze, lora=m.lora.rank > 0)["frozen"]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
@@ -148,8 +158,15 @@ def test_recipe_trains_preempts_resumes_and_serves(recipe, synthetic_dir, tmp_pa
     differ = [k for k in reference if not torch.equal(reference[k], resumed[k])]
     assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
 
-    # Consolidate, export, evaluate and predict from the result.
     final = run_dir / "checkpoints" / f"step-{STEPS:08d}.ckpt"
+    if not cfg.checkpoint.save_frozen:  # as the strategy wrote it: no frozen weight on disk
+        from tests.training.test_dtypes import _saved_keys
+
+        with contextlib.chdir(world):  # the recipe's relative paths
+            frozen = {f"model.{n}" for n in _frozen_names(tiny)}
+        assert frozen and not frozen & _saved_keys(final), sorted(frozen & _saved_keys(final))[:5]
+
+    # Consolidate, export, evaluate and predict from the result.
     _run(["evfsam_lightning.cli.export", "--checkpoint", str(final), "--out", "exported"], world)
     _run(["evfsam_lightning.cli.evaluate", "--checkpoint", "exported", "--data",
           f"val={synthetic_dir / 'val'}", "--accelerator", "cpu", "--workers", "0", "--out", "eval.json"], world)
