@@ -162,6 +162,7 @@ def test_train_resume_consolidate_export(strategy, synthetic, tmp_path):
         assert not [k for k in ckpt if k.startswith("optimizer")]
     weights = _model_weights(ckpt["state_dict"])
     # The same strategy without interruption: bit for bit.
+    (tmp_path / "uninterrupted").mkdir()
     _train(tmp_path / "uninterrupted" / "runs", strategy, LAST, synthetic)
     uninterrupted = _final_weights(tmp_path / "uninterrupted" / "runs" / "run", tmp_path)
     assert weights.keys() == uninterrupted.keys()
