@@ -1,6 +1,7 @@
 """`evfsam-shards`: convert a raw dataset into WebDataset shards (see docs/data.md).
 
-    evfsam-shards refer --root data/refer --dataset refcoco --out shards/refcoco
+    evfsam-shards refer --root data/refer_seg --dataset refcoco --out shards/refcoco
+    evfsam-shards grefcoco --root data/refer_seg --out shards/grefcoco
     evfsam-shards ade20k --root data/ADEChallengeData2016 --out shards/ade20k --workers 8
     evfsam-shards jsonl --ann my_data/objects.jsonl --out shards/my_data
     evfsam-shards coco --root my_data --ann annotations.json --images images --val-fraction 0.1 --out shards/mine
@@ -23,6 +24,7 @@ from ..data.schema import SampleError
 from ..data.sources import (
     ade20k,
     coco,
+    grefcoco,
     humanparsing,
     jsonl,
     objects365,
@@ -31,6 +33,7 @@ from ..data.sources import (
     refer,
     synthetic,
 )
+from .errors import ArgumentParser, UserError, console_script
 
 _DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
 
@@ -57,23 +60,25 @@ def _val_split(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the --val-fraction hash (default %(default)s)")
 
 
-def _coco_family(sub, fmt: str, module, default_ann: str, default_images: str, default_split: str,
+def _coco_family(sub, fmt: str, module, layouts: tuple[tuple[str, str], ...], default_split: str,
                  description: str) -> argparse.ArgumentParser:
     p = sub.add_parser(fmt, help=description, description=description)
     _common(p)
     p.add_argument("--split", nargs="+", default=[default_split],
                    help="splits to convert; each fills {split} in --ann/--images (default %(default)s)")
+    alternatives = "".join(f", else {ann}" for ann, _ in layouts[1:])
     p.add_argument("--ann", help=f"COCO JSON, relative to --root unless absolute; may hold {{split}} "
-                                 f"(default {default_ann})")
+                                 f"(default {layouts[0][0]}{alternatives}, whichever exists)")
     p.add_argument("--images", help=f"folder the JSON's file_names are relative to; may hold {{split}} "
-                                    f"(default {default_images})")
+                                    f"(default {' / '.join(images for _, images in layouts)}, beside "
+                                    "the annotation file found)")
     p.set_defaults(make_plan=lambda a: module.plan(a.root, splits=a.split, ann=a.ann, images=a.images, name=a.name))
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `evfsam-shards` argument parser (one sub-command per raw format)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="evfsam-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
 
@@ -89,16 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(make_plan=lambda a: refer.plan(a.root, dataset=a.dataset, split_by=a.split_by,
                                                   splits=a.split, images=a.images, name=a.name))
 
-    p = _coco_family(sub, "coco", coco, coco.DEFAULT_ANN, coco.DEFAULT_IMAGES, "train2017",
+    p = sub.add_parser("grefcoco", help="gRefCOCO (multi-target and no-target expressions, G_REFER layout)",
+                       description=grefcoco.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p)
+    p.add_argument("--split-by", default="unc", help="which grefs(<split-by>).json to read (default %(default)s)")
+    p.add_argument("--split", nargs="+", help="splits to convert, e.g. train val testA testB (default: all)")
+    p.add_argument("--images", help="image folder (default <root>/images/mscoco/images/train2014)")
+    p.set_defaults(make_plan=lambda a: grefcoco.plan(a.root, split_by=a.split_by, splits=a.split,
+                                                     images=a.images, name=a.name))
+
+    p = _coco_family(sub, "coco", coco, ((coco.DEFAULT_ANN, coco.DEFAULT_IMAGES),), "train2017",
                      "any COCO instance JSON: one object per annotation, text = category name, crowd skipped")
     _val_split(p)
     p.set_defaults(make_plan=lambda a: coco.plan(a.root, splits=a.split, ann=a.ann, images=a.images, name=a.name,
                                                  val_fraction=a.val_fraction, split_seed=a.split_seed))
-    _coco_family(sub, "objects365", objects365, "annotations/{split}.json", "images/{split}", "train",
+    _coco_family(sub, "objects365", objects365, objects365.LAYOUTS, "train",
                  "Objects365 with RLE masks (COCO JSON): instance objects, text = category name")
-    _coco_family(sub, "partimagenet", partimagenet, "annotations/{split}.json", "images/{split}", "train",
+    _coco_family(sub, "partimagenet", partimagenet, partimagenet.LAYOUTS, "train",
                  "PartImageNet (COCO JSON): parts merged per image, '[semantic] quadruped head'")
-    _coco_family(sub, "pascal_part", pascal_part, "annotations/{split}.json", "images/{split}", "train",
+    _coco_family(sub, "pascal_part", pascal_part, pascal_part.LAYOUTS, "train",
                  "Pascal-Part (COCO JSON, 'obj:part' names): parts merged per image, '[semantic] aeroplane body'")
 
     p = sub.add_parser("ade20k", help="ADE20K scene parsing (ADEChallengeData2016, 150 classes)",
@@ -108,12 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train (images/training) and/or val (images/validation) (default %(default)s)")
     p.set_defaults(make_plan=lambda a: ade20k.plan(a.root, splits=a.split, name=a.name))
 
-    p = sub.add_parser("humanparsing", help="LIP/ATR-style 18-label human parsing PNGs",
+    p = sub.add_parser("humanparsing", help="LIP/ATR-style 18-label human parsing PNGs (JPEGImages/, "
+                                            "SegmentationClassAug/)",
                        description=humanparsing.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--split", default="train", help="output split name for this folder (default %(default)s)")
-    p.add_argument("--images", default="images", help="image folder, relative to --root (default %(default)s)")
-    p.add_argument("--masks", default="masks", help="label PNG folder, relative to --root (default %(default)s)")
+    p.add_argument("--images", default=humanparsing.DEFAULT_IMAGES,
+                   help="image folder, relative to --root (default %(default)s)")
+    p.add_argument("--masks", default=humanparsing.DEFAULT_MASKS,
+                   help="label PNG folder, relative to --root (default %(default)s)")
     p.set_defaults(make_plan=lambda a: humanparsing.plan(a.root, split=a.split, images=a.images, masks=a.masks,
                                                          name=a.name))
 
@@ -154,22 +171,28 @@ def _jsonl_plan(a: argparse.Namespace) -> ConversionPlan:
                       split_seed=a.split_seed)
 
 
+@console_script("evfsam-shards")
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `evfsam-shards`; returns 0, or exits with a message naming what failed."""
+    """Entry point of `evfsam-shards`; returns 0, or 2 with one line naming what failed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers < 1 or args.shard_size < 1:
         parser.error("--workers and --shard-size must be >= 1")
     if not 0 <= getattr(args, "val_fraction", 0.0) < 1:
         parser.error("--val-fraction must be in [0, 1)")
+    if args.format == "synthetic":
+        if args.train < 0 or args.val < 0 or args.train + args.val == 0:
+            parser.error(f"--train {args.train} and --val {args.val} must be 0 or more, and not both 0")
+        if args.image_size < 32:
+            parser.error(f"--image-size {args.image_size} must be at least 32 (room for 2-4 shapes)")
+
     make_plan: Callable[[argparse.Namespace], ConversionPlan] = args.make_plan
     try:
         plan = make_plan(args)
         convert(plan, args.out, workers=args.workers, shard_size=args.shard_size, strict=args.strict,
                 progress=not args.no_progress, overwrite=args.overwrite)
-    except (OSError, ValueError, SampleError, pickle.UnpicklingError) as e:
-        print(f"evfsam-shards {args.format}: error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, SampleError, pickle.UnpicklingError) as e:  # OSErrors name their file: the wrapper says it
+        raise UserError(f"{args.format}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return 0
 
 

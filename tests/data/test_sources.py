@@ -174,7 +174,7 @@ def test_refer_split_selection_and_strict(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_cli("refer", "--root", tmp_path / "refer", "--out", out, "--split", "val", "--workers", 1) == 0
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "val"]
-    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o2", "--split", "nope") == 1
+    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o2", "--split", "nope") == 2
     assert "no refs in split(s) ['nope']" in capsys.readouterr().err
 
     plan = refer.plan(tmp_path / "refer", splits=["train"])
@@ -192,7 +192,7 @@ def test_refer_split_selection_and_strict(tmp_path, capsys):
         convert(plan, tmp_path / "strict2", strict=True, progress=False)
     assert not list((tmp_path / "strict2").rglob("*.*"))  # no shard, temp file, sizes.json or report
     assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "strict2", "--split", "val") == 0
-    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o3", "--strict") == 1
+    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o3", "--strict") == 2
     assert "refs(unc).p: ref 109" in capsys.readouterr().err
 
 
@@ -219,7 +219,7 @@ def test_restricted_unpickler_rejects_code(tmp_path, capsys):
     path.write_bytes(pickle.dumps([{"ref_id": 1, "evil": Evil()}], protocol=2))
     with pytest.raises(UnsafePickleError, match=r"refs\(unc\)\.p.*(posix|os)\.system"):
         load_pickle(path)
-    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "out") == 1
+    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "out") == 2
     assert "refs(unc).p" in capsys.readouterr().err
     assert not (tmp_path / "owned").exists()
     plain = tmp_path / "plain.p"
@@ -291,7 +291,9 @@ def test_objects365(tmp_path):
     root = tmp_path / "o365"
     files = make_coco(root, "annotations/train.json", "images/train", cats, anns, n_images=2)
     out = tmp_path / "out"
-    assert run_cli("objects365", "--root", root, "--out", out, "--workers", 1) == 0
+    # An older layout through the override flags (tests/data/test_real_layouts.py has the default one).
+    assert run_cli("objects365", "--root", root, "--out", out, "--workers", 1, "--ann", "annotations/{split}.json",
+                   "--images", "images/{split}") == 0
     got = read_split(out, "train")
     assert list(got) == ["objects365-train-1"]
     s = got["objects365-train-1"]
@@ -312,7 +314,8 @@ def test_partimagenet_merges_parts(tmp_path):
     root = tmp_path / "pin"
     files = make_coco(root, "annotations/val.json", "images/val", cats, anns, n_images=1)
     out = tmp_path / "out"
-    assert run_cli("partimagenet", "--root", root, "--out", out, "--split", "val", "--workers", 1) == 0
+    assert run_cli("partimagenet", "--root", root, "--out", out, "--split", "val", "--workers", 1,
+                   "--ann", "annotations/{split}.json", "--images", "images/{split}") == 0
     s = read_split(out, "val")["partimagenet-val-1"]
     assert s.task == "part" and s.image_bytes == files[1]
     assert [o.expressions for o in s.objects] == [["[semantic] quadruped head"], ["[semantic] quadruped body"]]
@@ -330,20 +333,24 @@ def test_pascal_part_names_and_merge(tmp_path):
         {"image_id": 1, "category_id": 2, "segmentation": rle(box(15, 20, 5, 9))},
         {"image_id": 1, "category_id": 2, "segmentation": rle(box(15, 22, 20, 24))},
         {"image_id": 2, "category_id": 3, "segmentation": rle(box(1, 3, 1, 3))},
-        {"image_id": 2, "category_id": 3, "segmentation": "garbage"},  # one piece bad: the part is dropped
+        {"image_id": 2, "category_id": 3, "segmentation": "garbage"},  # one piece bad: counted, the rest kept
     ]
     root = tmp_path / "pp"
     make_coco(root, "annotations/train.json", "images/train", cats, anns, n_images=2)
     out = tmp_path / "out"
-    assert run_cli("pascal_part", "--root", root, "--out", out, "--workers", 1) == 0
+    assert run_cli("pascal_part", "--root", root, "--out", out, "--workers", 1, "--ann", "annotations/{split}.json",
+                   "--images", "images/{split}") == 0
     got = read_split(out, "train")
     s = got["pascal_part-train-1"]
     assert s.task == "part"
-    assert [o.expressions for o in s.objects] == [["[semantic] aeroplane body"], ["[semantic] cow lf leg"]]
+    # ':' becomes a space, the rest is kept as written (the reference's rule)
+    assert [o.expressions for o in s.objects] == [["[semantic] aeroplane body"], ["[semantic] cow lf_leg"]]
     np.testing.assert_array_equal(s.objects[1].mask, box(15, 20, 5, 9) | box(15, 22, 20, 24))
-    assert "pascal_part-train-2" not in got
+    # As the reference (which skips annotations it cannot decode), the part keeps its good piece.
+    assert [o.expressions for o in got["pascal_part-train-2"].objects] == [["[semantic] person lear"]]
+    np.testing.assert_array_equal(got["pascal_part-train-2"].objects[0].mask, box(1, 3, 1, 3))
     counts = {k: v["count"] for k, v in report(out)["skipped"].items()}
-    assert counts == {"bad_annotation": 1, "no_object": 1}
+    assert counts == {"bad_annotation": 1}
 
 
 # ---------------------------------------------------------------- label maps
@@ -380,9 +387,9 @@ def test_humanparsing(tmp_path):
     root = tmp_path / "hp"
     labels = np.zeros((H, W), np.uint8)
     labels[:4] = 1        # hat
-    labels[4:8] = 4       # upper-clothes
-    labels[20:, :5] = 9   # left-shoe
-    labels[20:, 27:] = 10  # right-shoe
+    labels[4:8] = 4       # upper clothes
+    labels[20:, :5] = 9   # right shoe (named from the viewer's side, as the reference)
+    labels[20:, 27:] = 10  # left shoe
     labels[10, 10] = 255  # void
     files = {"a": write_image(root / "images/a.jpg", 1)}
     write_png(root / "masks/a.png", labels, palette=True)
@@ -390,12 +397,14 @@ def test_humanparsing(tmp_path):
     write_png(root / "masks/b.png", labels)  # size mismatch
     write_png(root / "masks/c.png", labels)  # no image
     out = tmp_path / "out"
-    assert run_cli("humanparsing", "--root", root, "--out", out, "--workers", 1) == 0
+    assert run_cli("humanparsing", "--root", root, "--out", out, "--workers", 1, "--images", "images",
+                   "--masks", "masks") == 0
     s = read_split(out, "train")["humanparsing-train-a"]
     assert s.task == "semantic" and s.image_bytes == files["a"]
     assert [o.expressions[0] for o in s.objects] == [
-        "[semantic] hat", "[semantic] upper clothes", "[semantic] left shoe", "[semantic] right shoe"]
-    for o, v in zip(s.objects, (1, 4, 9, 10), strict=True):
+        "[semantic] background", "[semantic] hat", "[semantic] upper clothes", "[semantic] right shoe",
+        "[semantic] left shoe"]
+    for o, v in zip(s.objects, (0, 1, 4, 9, 10), strict=True):
         np.testing.assert_array_equal(o.mask, (labels == v).astype(np.uint8))
     counts = {k: v["count"] for k, v in report(out)["skipped"].items()}
     assert counts == {"size_mismatch": 1, "missing_image": 1}

@@ -1,6 +1,6 @@
 """ADE20K scene parsing (ADEChallengeData2016) -> semantic shards.
 
-Layout (`root` is the ADEChallengeData2016 folder or its parent):
+Layout (`root` is the ADEChallengeData2016 folder, or its parent; EVF-SAM calls it `<base>/ade20k`):
     images/training/*.jpg        annotations/training/*.png     (split "train")
     images/validation/*.jpg      annotations/validation/*.png   (split "val")
 Label maps are uint8 PNGs: 0 = other/unlabelled (makes no object), 1..150 = the classes below.
@@ -56,9 +56,13 @@ def _split_name(split: str) -> str:
 
 
 def find_root(root: str | Path) -> Path:
-    """The ADEChallengeData2016 folder: `root` itself or its child of that name."""
+    """The ADEChallengeData2016 folder: `root` itself, its child of that name, or its `ade20k/` child
+    (the name EVF-SAM's loader gives it)."""
     root = Path(root)
-    return root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+    for child in ("ADEChallengeData2016", "ade20k"):
+        if not (root / "images").is_dir() and (root / child / "images").is_dir():
+            return root / child
+    return root
 
 
 def plan(root: str | Path, *, splits: list[str] | None = None, name: str | None = None) -> ConversionPlan:

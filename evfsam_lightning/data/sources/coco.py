@@ -7,9 +7,10 @@ Input: a COCO JSON (`images` with `id`, `file_name`, `height`, `width`; `annotat
 Default layout: `<root>/annotations/instances_{split}.json` and `<root>/{split}/` (COCO 2017).
 
 Instance rules (`coco`, `objects365`): one object per annotation, text = the category name;
-`iscrowd` annotations are skipped and counted (a crowd region is not one object).
-Part rules (`partimagenet`, `pascal_part`): the annotations of one category in one image are merged
-into one mask clipped to 0/1 (crowd ones included: they are still that part), text
+`coco` skips and counts `iscrowd` annotations (a crowd region is not one object), `objects365`
+keeps them, as EVF-SAM's loader does.
+Part rules (`partimagenet`, `pascal_part`): the annotations of one category name in one image are
+merged into one mask clipped to 0/1 (crowd ones included: they are still that part), text
 `"[semantic] " + name`. One sample per image; images without a usable annotation are counted.
 """
 
@@ -44,6 +45,7 @@ class CocoRules:
     format: str
     task: str
     merge_per_category: bool = False
+    skip_crowd: bool = True
     semantic_prefix: bool = False
     separators: str = ""
     lower: bool = False
@@ -100,7 +102,7 @@ def _plan_split(ann_file: Path, images_dir: Path, split: str, source: str, rules
         elif ann.get("category_id") not in categories:
             skipped.append(Skip("unknown_category", f"ann {ann_id}",
                                 f"{where}: category_id {ann.get('category_id')} not in categories"))
-        elif ann.get("iscrowd", 0) and not rules.merge_per_category:
+        elif ann.get("iscrowd", 0) and rules.skip_crowd:
             skipped.append(Skip("crowd", f"ann {ann_id}", f"{where}: iscrowd annotation", error=False))
         else:
             per_image[ann["image_id"]].append(
@@ -115,11 +117,13 @@ def _plan_split(ann_file: Path, images_dir: Path, split: str, source: str, rules
                                                   "has no usable annotation", error=False))
             continue
         if rules.merge_per_category:
-            groups: dict[Any, list[dict]] = defaultdict(list)
-            for ann in anns:
-                groups[ann["category_id"]].append(ann)
-            objects = [{"category": categories[c], "text": rules.text(categories[c]), "anns": groups[c],
-                        "id": f"category {c}"} for c in sorted(groups)]
+            # Keyed by name, as the reference merges: two category ids of one name are one part.
+            groups: dict[str, list[dict]] = defaultdict(list)
+            for ann in sorted(anns, key=lambda a: id_order(a["category_id"])):
+                groups[categories[ann["category_id"]]].append(ann)
+            objects = [{"category": n, "text": rules.text(n), "anns": g,
+                        "id": "category " + ", ".join(str(c) for c in dict.fromkeys(a["category_id"] for a in g))}
+                       for n, g in groups.items()]
         else:
             objects = [{"category": categories[a["category_id"]], "text": rules.text(categories[a["category_id"]]),
                         "anns": [a], "id": f"ann {a['id']}"} for a in anns]
@@ -150,17 +154,32 @@ def plan_coco_json(ann_files: dict[str, Path], images_dirs: dict[str, Path], *, 
                           splits=splits, skipped=skipped)
 
 
+def choose_layout(root: str | Path | None, layouts: tuple[tuple[str, str], ...], split: str) -> tuple[str, str]:
+    """The first (annotation, images) template pair whose annotation file exists under `root` for
+    `split`; the first pair when none does (its error then names the expected file)."""
+    if root is not None:
+        for layout in layouts:
+            if resolve_template(layout[0], root, split).is_file():
+                return layout
+    return layouts[0]
+
+
 def plan(root: str | Path | None, *, splits: list[str] | None = None, ann: str | None = None,
          images: str | None = None, name: str | None = None, rules: CocoRules = COCO_RULES,
-         default_splits: tuple[str, ...] = ("train2017",), default_ann: str = DEFAULT_ANN,
-         default_images: str = DEFAULT_IMAGES, val_fraction: float = 0.0, split_seed: int = 0) -> ConversionPlan:
+         default_splits: tuple[str, ...] = ("train2017",),
+         layouts: tuple[tuple[str, str], ...] = ((DEFAULT_ANN, DEFAULT_IMAGES),),
+         val_fraction: float = 0.0, split_seed: int = 0) -> ConversionPlan:
     """Plan a COCO-format dataset. `ann` and `images` are paths (absolute or relative to `root`)
-    that may hold `{split}`; by default `<root>/annotations/instances_{split}.json` and
-    `<root>/{split}/`. `name` is the source name (default: the format)."""
+    that may hold `{split}`; by default the first of `layouts` (annotation, images templates) whose
+    annotation file exists, e.g. `<root>/annotations/instances_{split}.json` and `<root>/{split}/`.
+    `name` is the source name (default: the format)."""
     splits = list(splits or default_splits)
-    if len(splits) > 1 and ann is not None and "{split}" not in ann:
-        raise ValueError(f"--ann {ann} names one file but {len(splits)} splits were asked: put {{split}} in it")
-    ann_files = {s: resolve_template(ann or default_ann, root, s) for s in splits}
+    default_ann, default_images = choose_layout(root, layouts, splits[0])
+    ann_template = ann or default_ann
+    if len(splits) > 1 and "{split}" not in ann_template:
+        raise ValueError(f"annotation file {ann_template} is one file but {len(splits)} splits were asked: "
+                         "give --ann with {split} in it")
+    ann_files = {s: resolve_template(ann_template, root, s) for s in splits}
     images_dirs = {s: resolve_template(images or default_images, root, s) for s in splits}
     return plan_coco_json(ann_files, images_dirs, source=name or rules.format, rules=rules,
                           val_fraction=val_fraction, split_seed=split_seed)
@@ -183,10 +202,10 @@ def build(item: WorkItem) -> Built:
             try:
                 masks.append(decode_coco_segmentation(ann["segmentation"], image.height, image.width))
             except Exception as e:  # pycocotools and malformed data raise many types
+                # Counted and left out; a part keeps its other annotations, as the reference does.
                 skips.append(Skip("bad_annotation", f"ann {ann['id']}",
                                   f"{d['ann_file']}: annotation {ann['id']} (image {d['image_id']}): {e}"))
-                break
-        if len(masks) < len(obj["anns"]):  # a part missing one of its pieces would teach a wrong mask
+        if not masks:
             continue
         mask = merge_masks(masks)
         if not mask.any():

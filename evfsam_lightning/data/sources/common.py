@@ -53,37 +53,58 @@ def merge_masks(masks: Iterable[np.ndarray]) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def decode_coco_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """A COCO `segmentation` (polygon list, compressed RLE or uncompressed RLE) as an (H, W) uint8
-    0/1 mask. Raises ValueError describing what is wrong with it."""
-    from pycocotools import mask as mask_utils  # imported here: only COCO-style converters need it
+def _decode_rle(rle: Any, height: int, width: int) -> np.ndarray:
+    """One RLE dict (compressed or uncompressed counts) of the image's size -> (H, W) 0/1 mask."""
+    from pycocotools import mask as mask_utils
 
-    if isinstance(segmentation, list):
+    if not (isinstance(rle, dict) and "counts" in rle and "size" in rle):
+        raise ValueError(f"RLE piece of type {type(rle).__name__} lacks 'size' and 'counts'")
+    size = [int(v) for v in rle["size"]]
+    if size != [height, width]:
+        raise ValueError(f"RLE size {size} differs from the image size {[height, width]}")
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        rle = mask_utils.frPyObjects({"size": size, "counts": counts}, height, width)
+    elif isinstance(counts, (str, bytes)):
+        rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        raise ValueError(f"RLE counts of type {type(counts).__name__}")
+    return mask_utils.decode(rle)
+
+
+def _decode_polygons(polygons: list, height: int, width: int) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    polygons = [[float(v) for v in poly] for poly in polygons]
+    # Pieces under 3 points have no area; pycocotools would even read a 4-value first piece as a box.
+    valid = [p for p in polygons if len(p) >= 6 and len(p) % 2 == 0]
+    if not valid:
+        raise ValueError(f"polygon lengths {[len(p) for p in polygons]}: none is an even count >= 6")
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(valid, height, width)))
+
+
+def decode_coco_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Any COCO `segmentation` as an (H, W) uint8 0/1 mask: a list of polygons (flat
+    `[x1, y1, x2, y2, ...]` lists), a bare RLE dict, or a list of RLE dicts (RefCLEF, Objects365),
+    the pieces OR-ed; RLE counts compressed (string) or uncompressed (list). An empty list covers
+    nothing. The one decoder of every COCO-based converter. Raises ValueError saying what is wrong."""
+    if isinstance(segmentation, dict):
+        mask = _decode_rle(segmentation, height, width)
+    elif isinstance(segmentation, list):
         if not segmentation:  # an annotation without polygons covers nothing
             return np.zeros((height, width), np.uint8)
-        polygons = [[float(v) for v in poly] for poly in segmentation]
-        # Pieces under 3 points have no area; pycocotools would even read a 4-value first piece as a box.
-        valid = [p for p in polygons if len(p) >= 6 and len(p) % 2 == 0]
-        if not valid:
-            raise ValueError(f"polygon lengths {[len(p) for p in polygons]}: none is an even count >= 6")
-        rle = mask_utils.merge(mask_utils.frPyObjects(valid, height, width))
-    elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        size = [int(v) for v in segmentation["size"]]
-        if size != [height, width]:
-            raise ValueError(f"RLE size {size} differs from the image size {[height, width]}")
-        counts = segmentation["counts"]
-        if isinstance(counts, list):
-            rle = mask_utils.frPyObjects({"size": size, "counts": counts}, height, width)
-        elif isinstance(counts, (str, bytes)):
-            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        if all(isinstance(piece, dict) for piece in segmentation):
+            mask = merge_masks(_decode_rle(piece, height, width) for piece in segmentation)
+        elif all(isinstance(piece, list) for piece in segmentation):
+            mask = _decode_polygons(segmentation, height, width)
         else:
-            raise ValueError(f"RLE counts of type {type(counts).__name__}")
+            kinds = sorted({type(piece).__name__ for piece in segmentation})
+            raise ValueError(f"segmentation list mixes or holds {kinds}: expected polygons (lists) or RLE dicts")
     else:
         raise ValueError(f"segmentation of type {type(segmentation).__name__} is neither polygons nor RLE")
-    mask = mask_utils.decode(rle)
     if mask.shape != (height, width):
         raise ValueError(f"decoded mask is {mask.shape}, image is {(height, width)}")
-    return np.ascontiguousarray(mask, dtype=np.uint8)
+    return np.ascontiguousarray(mask > 0, dtype=np.uint8)
 
 
 @dataclass(frozen=True)

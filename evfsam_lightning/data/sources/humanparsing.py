@@ -1,12 +1,14 @@
-"""Human parsing (LIP/ATR-style 18-label PNGs) -> semantic shards.
+"""Human parsing (LIP/ATR-style 18-label PNGs, EVF-SAM's `humanparsing` folder) -> semantic shards.
 
-Layout: `<root>/images/*.jpg` and `<root>/masks/*.png`, paired by file stem (`images=` / `masks=`
-point elsewhere, relative to `root` or absolute). Labels: 0 background (no object), 1 hat, 2 hair,
-3 sunglasses, 4 upper-clothes, 5 skirt, 6 pants, 7 dress, 8 belt, 9 left-shoe, 10 right-shoe,
-11 face, 12 left-leg, 13 right-leg, 14 left-arm, 15 right-arm, 16 bag, 17 scarf; 255 (boundary/void
-in some releases) makes no object. Left/right are named from the viewer's side, as labelled. Text
-`"[semantic] " + name` with '-' as a space ("[semantic] left shoe"). The folder holds one split,
-written to `<out>/<split>/` (default `train`).
+Layout (as EVF-SAM's loader reads it): `<root>/JPEGImages/*.jpg` and `<root>/SegmentationClassAug/*.png`,
+paired by file stem; `<root>` may also be the folder above `humanparsing/`. `images=` / `masks=`
+point elsewhere (relative to the resolved root, or absolute). Labels and text follow the reference:
+left/right are named from the viewer's side (the left of the picture), as RefCOCO names them:
+0 background, 1 hat, 2 hair, 3 sunglasses, 4 upper clothes, 5 skirt, 6 pants, 7 dress, 8 belt,
+9 right shoe, 10 left shoe, 11 face, 12 right leg, 13 left leg, 14 right arm, 15 left arm, 16 bag,
+17 scarf. Every label present, background included, is one object with text `"[semantic] " + name`
+("[semantic] background", "[semantic] left arm"); 255 (boundary/void in some releases) makes no
+object. The folder holds one split, written to `<out>/<split>/` (default `train`).
 """
 
 from __future__ import annotations
@@ -14,19 +16,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..convert import Built, ConversionPlan, Skip, WorkItem
-from .common import build_label_map_sample, clean_name, pair_files
+from .common import build_label_map_sample, pair_files
 
-HUMANPARSING_LABELS = (
-    "background", "hat", "hair", "sunglasses", "upper-clothes", "skirt", "pants", "dress", "belt",
-    "left-shoe", "right-shoe", "face", "left-leg", "right-leg", "left-arm", "right-arm", "bag", "scarf",
-)
-CLASS_NAMES = {i: clean_name(n, separators="-_") for i, n in enumerate(HUMANPARSING_LABELS) if i > 0}
+# Label value -> name, viewer-side left/right (EVF-SAM's humanparsing_dataset.py swaps the dataset's own).
+CLASS_NAMES = dict(enumerate((
+    "background", "hat", "hair", "sunglasses", "upper clothes", "skirt", "pants", "dress", "belt",
+    "right shoe", "left shoe", "face", "right leg", "left leg", "right arm", "left arm", "bag", "scarf",
+)))
+DEFAULT_IMAGES = "JPEGImages"
+DEFAULT_MASKS = "SegmentationClassAug"
 
 
-def plan(root: str | Path, *, split: str = "train", images: str = "images", masks: str = "masks",
+def find_root(root: str | Path) -> Path:
+    """The folder holding `JPEGImages/`: `root` itself or its `humanparsing/` child."""
+    root = Path(root)
+    if not (root / DEFAULT_IMAGES).is_dir() and (root / "humanparsing" / DEFAULT_IMAGES).is_dir():
+        return root / "humanparsing"
+    return root
+
+
+def plan(root: str | Path, *, split: str = "train", images: str = DEFAULT_IMAGES, masks: str = DEFAULT_MASKS,
          name: str | None = None) -> ConversionPlan:
     """Plan one human-parsing folder as output split `split`."""
-    root = Path(root)
+    root = find_root(root)
     source = name or "humanparsing"
     items: list[WorkItem] = []
     skipped: list[Skip] = []
@@ -36,5 +48,5 @@ def plan(root: str | Path, *, split: str = "train", images: str = "images", mask
 
 
 def build(item: WorkItem) -> Built:
-    """One person image -> a `Sample` with one object per body part / garment present."""
-    return build_label_map_sample(item, CLASS_NAMES, ignore=(0, 255))
+    """One person image -> a `Sample` with one object per label present (background included)."""
+    return build_label_map_sample(item, CLASS_NAMES, ignore=(255,))

@@ -7,7 +7,10 @@ One line per object (blank lines are ignored):
      "mask": "masks/0001_dog.png",                 # a mask file: any pixel > 0 is the object
           | {"polygon": [[x1, y1, x2, y2, ...], ...]}   # COCO polygons in pixels (one flat list is
                                                          # one polygon)
+          | {"polygon": [[x1, y1], [x2, y2], ...]}      # or point lists (LabelMe, shapely); a list
+                                                         # of point lists is several polygons
           | {"rle": {"size": [h, w], "counts": "..."}}, # COCO RLE, compressed string or list
+                                                         # counts, or a list of RLEs (OR-ed)
      "split": "train",                             # optional, default "train" (or, with
                                                    # val_fraction, train/val by a hash of "image")
      "category": "dog",                            # optional, stored as the object's category
@@ -108,13 +111,27 @@ def _mask(spec: Any, base: Path, height: int, width: int) -> np.ndarray:
             raise ValueError(f"mask {path} is {arr.shape}, image is {(height, width)}")
         return (arr > 0).astype(np.uint8)
     if isinstance(spec, dict) and "polygon" in spec:
-        polygons = spec["polygon"]
-        if polygons and not isinstance(polygons[0], list):
-            polygons = [polygons]
-        return decode_coco_segmentation(polygons, height, width)
+        return decode_coco_segmentation(_flat_polygons(spec["polygon"]), height, width)
     if isinstance(spec, dict) and "rle" in spec:
         return decode_coco_segmentation(spec["rle"], height, width)
     raise ValueError("mask must be a file path, {\"polygon\": ...} or {\"rle\": ...}")
+
+
+def _is_point(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+
+
+def _flat_polygons(polygons: Any) -> list:
+    """`{"polygon": ...}` as COCO's flat polygons: one flat list `[x1, y1, ...]`, a list of them, one
+    point list `[[x, y], ...]` (LabelMe, shapely), or a list of point lists."""
+    if not isinstance(polygons, list) or not polygons:
+        return polygons if isinstance(polygons, list) else [polygons]
+    if not isinstance(polygons[0], list):  # one flat polygon
+        return [polygons]
+    if all(_is_point(p) for p in polygons):  # one point list (a 2-value flat polygon has no area anyway)
+        return [[v for point in polygons for v in point]]
+    return [[v for point in poly for v in point] if poly and all(_is_point(p) for p in poly) else poly
+            for poly in polygons]
 
 
 def build(item: WorkItem) -> Built:
