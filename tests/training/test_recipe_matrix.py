@@ -143,9 +143,10 @@ def test_recipe_trains_preempts_resumes_and_serves(recipe, synthetic_dir, tmp_pa
 
     # Uninterrupted reference, then the same command preempted mid-window and run again.
     _run(["tests.training.preempt_job", *base, "root_dir=reference"], world)
-    # Mid-window of step 3 (micro-batches 2A..3A-1); with no accumulation (A=1) a window has one
-    # micro-batch, so the signal comes between steps and the save happens after the next one.
-    at = 2 * accumulate + accumulate // 2 - (1 if accumulate > 1 else 0)
+    # Mid-window of step 3 (micro-batches 2A..3A-1, the signal after one of them, not the last);
+    # with no accumulation (A=1, quickstart) a window has one micro-batch: the signal comes after
+    # step 2 and the save at the end of step 3.
+    at = 2 * accumulate + accumulate // 2 - 1 if accumulate > 1 else 1
     first = _run(["tests.training.preempt_job", *base, "root_dir=runs"], world,
                  env={"EVFSAM_TEST_PREEMPT_AT": str(at)}, ok=(EXIT_PREEMPTED,))
     assert "preempted: saved" in first.stdout, first.stdout[-2000:]
