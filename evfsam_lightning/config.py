@@ -330,6 +330,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not cfg.checkpoint.save_frozen and cfg.model.mode == "full" and not cfg.model.freeze:
         raise ConfigError("checkpoint.save_frozen=false with model.mode=full: there are no frozen weights to "
                           "leave out")
+    m = cfg.model
+    if not cfg.checkpoint.save_frozen and not m.pretrained:
+        # The frozen weights of both parts (at least the ones the text path never uses) come back
+        # from these files on resume, consolidation and export.
+        unset = [k for k in ("sam_checkpoint", "beit3_checkpoint") if not getattr(m, k)]
+        if unset:
+            raise ConfigError(f"checkpoint.save_frozen=false: frozen weights are restored from their pretrained "
+                              f"files, but model.{unset[0]} is not set (set model.pretrained, or model.sam_checkpoint "
+                              "and model.beit3_checkpoint, or checkpoint.save_frozen=true)")
     if cfg.data.embedding_cache:
         if cfg.model.mode != "frozen_image_encoder":
             raise ConfigError(f"data.embedding_cache needs a frozen SAM image encoder: model.mode="

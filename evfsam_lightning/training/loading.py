@@ -118,6 +118,8 @@ def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device
         missing = [k for k in model.state_dict() if k not in state and k not in left_out]
         if missing:
             raise ck.CheckpointError(f"{path} lacks weights it did not declare left out: {', '.join(missing[:10])}")
+        # What was left out comes from the fp32 source even where a strategy's copy was saved.
+        state = {k: v for k, v in state.items() if k not in left_out}
         ck.load_into(model, state, source=str(path), allow_missing=tuple(ck.SUBSETS))
     else:
         model = add_configured_lora(build_model(model_size(cfg.model)), cfg)
