@@ -146,7 +146,14 @@ def run(fixture: Path) -> bool:
     family = fixture_family(manifest)
     torch.manual_seed(0)
     report = Report()
-    if family == "sam":
+    from evfsam_lightning.models.parity_video import is_video_fixture
+
+    if is_video_fixture(manifest):
+        from evfsam_lightning.models.parity_video import check_parity_video
+
+        family = "sam2 video"
+        check_parity_video(fixture, manifest, report)
+    elif family == "sam":
         check_sam1(fixture, manifest, report)
     else:
         from evfsam_lightning.models.parity_sam2 import check_parity_sam2
