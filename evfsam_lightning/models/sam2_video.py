@@ -293,6 +293,7 @@ class EvfSam2Video:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.tracker = Sam2VideoTracker(model.visual_model)
+        self.tracks: list[ObjectTrack] = []
 
     @property
     def device(self) -> torch.device:
@@ -343,6 +344,7 @@ class EvfSam2Video:
         if not prompts:
             raise ValueError("no object to track: give at least one text")
         tracks = [ObjectTrack(p.obj_id, p.frame, p.prompt.to(self.device)) for p in prompts]
+        self.tracks = tracks  # the live states, for inspection
         passes = []
         if direction in ("forward", "both"):
             passes.append((min(t.prompt_frame for t in tracks), False))
