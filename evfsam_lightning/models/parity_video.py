@@ -103,7 +103,7 @@ def check_parity_video(fixture: Path, manifest: dict, report) -> None:
         flags = io["yield_reverse_flags"].tolist()
         seen: set[int] = set()
         order = []
-        for t, rev in zip(frames, flags):
+        for t, rev in zip(frames, flags, strict=True):
             results = video.step_frame(source, t, [track], bool(rev), keep_extras=True)
             r = results.get(obj_id)
             if t in seen or not hasattr(r, "low_res"):

@@ -337,7 +337,7 @@ class EvfSam2Video:
             if len(frames_of) != len(texts):
                 raise ValueError(f"{len(texts)} texts but {len(frames_of)} prompt frames")
             prompts = []
-            for i, (text, f) in enumerate(zip(texts, frames_of)):
+            for i, (text, f) in enumerate(zip(texts, frames_of, strict=True)):
                 if not 0 <= f < n:
                     raise ValueError(f"prompt frame {f} is outside the clip (0..{n - 1})")
                 prompts.append(ObjectPrompt(i + 1, f, self.text_prompt(source.rgb(f), text)))

@@ -127,7 +127,7 @@ def test_backward_tracking_is_forward_tracking_of_the_reversed_clip(tiny):
     bwd = _run(video, frames, [_prompt(tiny, 1, n - 1)], "backward")
     assert [t for t, _ in bwd] == list(range(n - 1, -1, -1))
     assert [t for t, _ in fwd] == list(range(n))
-    for (tf, of), (tb, ob) in zip(fwd, bwd):
+    for (tf, of), (tb, ob) in zip(fwd, bwd, strict=True):
         assert tb == n - 1 - tf
         assert torch.equal(of[1], ob[1])
 
@@ -177,7 +177,7 @@ def test_frames_without_the_object_give_empty_masks_and_no_object_pointers(tiny)
 def test_memory_is_bounded_by_the_window_not_the_clip(tiny):
     video = EvfSam2Video(tiny)
     frames = _clip(40, 32, 32)
-    for t, _ in video.track(frames, prompts=[_prompt(tiny, 6, 0)], direction="forward"):
+    for _t, _ in video.track(frames, prompts=[_prompt(tiny, 6, 0)], direction="forward"):
         track = video.tracks[0]
         kept = sorted(track.non_cond)
         assert len(kept) <= 2 * 16  # the pointer window behind, plus entries near the prompt frame
@@ -223,3 +223,37 @@ def test_video_file_frames_decode_in_order_and_backwards(tmp_path):
         # the red square moves right by 4 pixels a frame (lossy codec: compare its centre)
         assert forward[i][20, 15 + 4 * i, 0] > 150
     assert json.dumps(source.video_hw)
+
+
+# -- evfsam-predict-video -------------------------------------------------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "evfsam_lightning.cli.predict_video", "--no-progress", *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_predict_video_demo_writes_one_indexed_png_per_frame_and_an_overlay(tmp_path):
+    pytest.importorskip("av")
+    proc = _cli("--demo", "--out", str(tmp_path / "run"), "--text", "the red square", "--text", "the blue circle",
+                "--prompt-frame", "3", "--both", "--overlay", str(tmp_path / "overlay.mp4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = sorted((tmp_path / "run" / "masks").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{t:05d}.png" for t in range(8)]
+    img = Image.open(pngs[3])
+    assert img.mode == "P" and img.size == (96, 72)
+    assert set(np.unique(np.asarray(img))) <= {0, 1, 2}
+    assert (tmp_path / "overlay.mp4").stat().st_size > 0
+    assert "'the red square': present on" in proc.stdout
+
+
+def test_predict_video_bad_input_is_one_line_and_exit_2(tmp_path):
+    proc = _cli("--checkpoint", str(tmp_path / "nope"), "--video", str(tmp_path / "missing.mp4"),
+                "--text", "x", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "missing.mp4" in proc.stderr
+    frames = _empty(tmp_path)
+    Image.fromarray(_clip(1)[0]).save(frames / "00000.jpg")
+    proc = _cli("--checkpoint", str(tmp_path / "nope"), "--video", str(frames), "--text", "a", "--text", "b",
+                "--prompt-frame", "0", "--prompt-frame", "1", "--prompt-frame", "2", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "2 --text but 3 --prompt-frame" in proc.stderr
