@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -134,10 +134,12 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = doc(500, "save every N optimizer steps (and always at the end)")
+    every_n_steps: int = doc(500, "save every N optimizer steps (and always at the end); 0: only at the end "
+                                  "and on preemption")
     keep_top_k: int = doc(1, "best checkpoints kept by validation cIoU (besides the last)")
     save_frozen: bool = doc(True, "false: leave frozen weights out (reloaded from their source on resume)")
-    resume: str = doc("auto", "auto (newest complete checkpoint of the run), false, or a checkpoint path")
+    resume: str = doc("auto", "auto (newest complete checkpoint of the run), false (start over), or a checkpoint "
+                              "path (a .ckpt file or a DeepSpeed/FSDP checkpoint directory)")
     early_stopping_patience: int = doc(0, "stop after this many validations without a better val/ciou (0: off)")
 
 
@@ -192,8 +194,83 @@ def _get(cfg: RunConfig, dotted: str):
     return obj
 
 
+# -- value ranges of every numeric key (checked before any work) --------------------------------
+_AT_LEAST = {  # key: smallest allowed value
+    "seed": 0, "data.num_workers": 0, "data.max_expressions_per_image": 1, "data.max_text_length": 2,
+    "data.samples_per_epoch": 0, "data.val_batch_size": 1, "data.shuffle_buffer": 1, "data.shuffle_shards": 1,
+    "data.synthetic.train": 1, "data.synthetic.val": 1, "data.synthetic.seed": 0, "data.synthetic.image_size": 32,
+    "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.grad_clip": 0, "optim.bce_weight": 0,
+    "optim.dice_weight": 0, "optim.max_nonfinite_steps": 1, "trainer.val_every_n_steps": 0,
+    "trainer.log_every_n_steps": 1, "trainer.limit_val_batches": 0, "checkpoint.every_n_steps": 0,
+    "checkpoint.keep_top_k": 0, "logging.val_images": 0,
+}
+_POSITIVE = ("optim.lr", "optim.eps", "model.lora.alpha")
+_FRACTION = ("optim.min_lr_ratio",)  # in [0, 1]
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key, low in _AT_LEAST.items():
+        if key.startswith("data.synthetic.") and cfg.data.synthetic is None:
+            continue
+        value = _get(cfg, key)
+        if not value >= low:  # also refuses NaN
+            raise ConfigError(f"{key}={value} must be at least {low}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
+    for key in _FRACTION:
+        if not 0 <= _get(cfg, key) <= 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be in [0, 1]")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
+
+
+def _check_run_paths(cfg: RunConfig) -> None:
+    """root_dir must be (or become) a folder; checkpoint.resume false, auto, or an existing checkpoint that
+    looks intact and safe."""
+    import zipfile
+
+    for parent in (cfg.run_dir, *cfg.run_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"root_dir={cfg.root_dir!r}: {parent} is a file, not a folder (choose another "
+                                  "root_dir)")
+            break
+    resume = cfg.checkpoint.resume
+    path = Path(resume)
+    if resume in ("auto", "false"):
+        pass
+    elif not path.exists():
+        raise ConfigError(f"checkpoint.resume={resume!r}: no such checkpoint (use auto, false, or a checkpoint "
+                          "path)")
+    elif path.is_dir():
+        if not ((path / "latest").is_file() or any(path.glob("*.distcp"))
+                or any(path.glob("*/mp_rank_*_model_states.pt"))):
+            raise ConfigError(f"checkpoint.resume={resume!r}: a directory that is not a DeepSpeed or FSDP "
+                              "checkpoint (give a .ckpt file, or auto)")
+    elif not zipfile.is_zipfile(path):
+        raise ConfigError(f"checkpoint.resume={resume!r}: not a PyTorch checkpoint (not a complete zip archive: "
+                          "truncated, damaged, or another kind of file)")
+    else:  # unpickle the structure only (tensors memory-mapped, not read): code in the pickle is refused here
+        import pickle
+
+        import torch
+
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise ConfigError(f"checkpoint.resume={resume!r}: refused, the file holds code or objects a checkpoint "
+                              "does not (unsafe pickle; only resume from checkpoints you trust)") from None
+        except (RuntimeError, EOFError, ValueError) as e:
+            raise ConfigError(f"checkpoint.resume={resume!r}: damaged checkpoint ({str(e).splitlines()[0]})") from None
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Checks that need more than a type: allowed values and impossible combinations."""
+    if str(cfg.checkpoint.resume).lower() == "false":  # OmegaConf turns `resume=false` into the bool False
+        cfg.checkpoint.resume = "false"
+    _check_ranges(cfg)
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not allowed (allowed: {', '.join(allowed)})")
@@ -243,8 +320,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             if encoder.startswith(prefix) or prefix.startswith(encoder):
                 raise ConfigError(f"data.embedding_cache needs a frozen SAM image encoder: model.unfreeze "
                                   f"entry {prefix!r} trains it")
-    if cfg.checkpoint.resume not in ("auto", "false") and not Path(cfg.checkpoint.resume).exists():
-        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r}: no such checkpoint")
+    _check_run_paths(cfg)
     return cfg
 
 
@@ -254,10 +330,7 @@ def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...
     try:
         layers = [base]
         if recipe is not None:
-            path = Path(recipe)
-            if not path.is_file():
-                raise ConfigError(f"recipe {path} not found")
-            layers.append(OmegaConf.load(path))
+            layers.append(_load_recipe(Path(recipe)))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -270,10 +343,38 @@ def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...
     return validate(cfg)
 
 
+def _load_recipe(path: Path):
+    """A recipe file as an OmegaConf mapping; a missing, unreadable, malformed or non-mapping file is
+    a ConfigError naming it (YAML is parsed safely: tags that would build objects are refused)."""
+    import yaml
+
+    if not path.exists():
+        raise ConfigError(f"recipe {path} not found (check the path; recipes/ holds the shipped ones)")
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a directory, not a YAML file")
+    try:
+        layer = OmegaConf.load(path)
+    except OSError as e:
+        raise ConfigError(f"recipe {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path}: not a text (YAML) file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {path}: malformed YAML{line}: {problem}") from None
+    if not isinstance(layer, DictConfig):
+        raise ConfigError(f"recipe {path}: the top level must be a mapping of keys (model:, data:, ...), "
+                          f"not a {type(layer).__name__.replace('Config', '').lower()}")
+    return layer
+
+
 def _explain(e: OmegaConfBaseException, recipe) -> str:
     key = getattr(e, "full_key", None) or "?"
     msg = str(e).splitlines()[0]
     where = f" (recipe {recipe})" if recipe else ""
+    if "is not a ListConfig" in msg:
+        return f"`{key}`{where} must be a list, e.g. [a, b] (a single value is written [value])"
     if "not in" in msg or "Key '" in msg and "not" in msg:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         allowed = _fields_at(parent)

@@ -13,20 +13,19 @@ preprocessing is refused with the differences named.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
+from evfsam_lightning.cli.errors import ArgumentParser, console_script
 from evfsam_lightning.config import ConfigError, load
-from evfsam_lightning.data import embedding_cache as ec
 
 
 def _encode(model, images: list, family: str, size: int, device: str, autocast: bool) -> list[dict]:
+    import torch
+
     from evfsam_lightning.data.transforms import normalise_sam_pixels, sam_input_uint8
 
     canvases, hws = zip(*(sam_input_uint8(image, family, size) for image in images), strict=True)
@@ -40,6 +39,7 @@ def _encode(model, images: list, family: str, size: int, device: str, autocast: 
 def cache_shard(model, url: str, folder: Path, shard: int, *, family: str, size: int, device: str,
                 autocast: bool, batch_size: int, skips) -> int:
     """Encode every decodable sample of one shard, in order; returns the number cached."""
+    from evfsam_lightning.data import embedding_cache as ec
     from evfsam_lightning.data.schema import SampleError
     from evfsam_lightning.data.stream import decode, iter_shard
 
@@ -66,9 +66,11 @@ def cache_shard(model, url: str, folder: Path, shard: int, *, family: str, size:
     return writer.close()
 
 
+@console_script("evfsam-cache-embeddings")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evfsam-cache-embeddings", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from argparse import RawDescriptionHelpFormatter
+
+    p = ArgumentParser(prog="evfsam-cache-embeddings", description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="training recipe YAML: its model and training sources are used")
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for evfsam-train")
     p.add_argument("--out", required=True, type=Path, help="cache folder (created; an existing manifest is replaced)")
@@ -77,21 +79,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("32", "bf16-mixed"), default=None,
                    help="encoder compute (default: bf16-mixed on a GPU, 32 on the CPU); stored as bf16 either way")
     args = p.parse_intermixed_args(argv)
-    try:
-        cfg = load(args.recipe, args.overrides)
-    except ConfigError as e:
-        print(f"evfsam-cache-embeddings: config error: {e}", file=sys.stderr)
-        return 2
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size} must be at least 1")
+    cfg = load(args.recipe, args.overrides)
+    if cfg.model.mode != "frozen_image_encoder":  # training would refuse the cache: say so before the work
+        raise ConfigError(f"model.mode={cfg.model.mode!r} trains the SAM image encoder, so cached features would "
+                          "be stale and training with data.embedding_cache refuses them (use a recipe with "
+                          "model.mode=frozen_image_encoder)")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} is a file, not a folder")
+    import torch
+
+    from evfsam_lightning.data import embedding_cache as ec
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device (use --device cpu or auto)")
 
     from evfsam_lightning.data.stream import SkipLog, expand_urls
     from evfsam_lightning.training.module import build_configured_model, model_size
     from evfsam_lightning.training.run import data_config, resolve_pretrained
 
-    try:
-        cfg = resolve_pretrained(cfg)  # a missing file of model.pretrained, named; model.size=auto
-    except ConfigError as e:
-        print(f"evfsam-cache-embeddings: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_pretrained(cfg)  # a missing file of model.pretrained, named; model.size=auto
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

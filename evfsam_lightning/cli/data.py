@@ -27,18 +27,20 @@ would see), or a YAML file with a `data:` section whose keys are the fields of
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, load_data_config
+from evfsam_lightning.cli.errors import ArgumentParser, console_script
 from evfsam_lightning.data.schema import IGNORE_VALUE
-from evfsam_lightning.data.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+if TYPE_CHECKING:  # the datamodule imports Lightning: not needed to report a bad command line
+    from evfsam_lightning.data.datamodule import DataConfig
 
 _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230)]
@@ -49,6 +51,8 @@ def realized_mixture(config: DataConfig, samples: int, *, rank: int = 0, world_s
                      keep: int = 0) -> dict[str, Any]:
     """Run one rank's training stream for `samples` images; count sources, tasks and skips, and keep
     the first `keep` images (as (image, masks, expressions, title)) for a grid."""
+    from evfsam_lightning.data.datamodule import EvfDataModule
+
     dm = EvfDataModule(config, rank=rank, world_size=world_size)
     sources, tasks, skips, kept = Counter(), Counter(), Counter(), []
     while sum(sources.values()) < samples:
@@ -68,6 +72,8 @@ def realized_mixture(config: DataConfig, samples: int, *, rank: int = 0, world_s
 
 
 def _tile_inputs(batch: dict[str, Any], i: int) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    from evfsam_lightning.data.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
     h, w = batch["resize_hw"][i].tolist()
     mean, std = np.array(SAM_PIXEL_MEAN), np.array(SAM_PIXEL_STD)
     pixels = batch["sam_pixel_values"][i, :, :h, :w].permute(1, 2, 0).numpy() * std + mean
@@ -122,28 +128,38 @@ def _data_config(path: str, overrides: Sequence[str]) -> DataConfig:
     """The pipeline config of a training recipe (+ overrides) or of a `data:`-section file."""
     import yaml
 
-    with open(path) as f:
-        doc = yaml.safe_load(f)
+    from evfsam_lightning.config import ConfigError, load
+
+    if not Path(path).is_file():
+        load(path)  # the recipe loader's one-line error for a missing path or a directory
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
     data = doc.get("data") if isinstance(doc, dict) else None
     if isinstance(data, dict) and ("sources" in data or "tokenizer" in data):
         if overrides:
-            raise SystemExit(f"evfsam-data: {path} is a data config, not a recipe: overrides do not apply")
-        return load_data_config(path)
-    from evfsam_lightning.config import ConfigError, load
+            raise ConfigError(f"{path} is a data config, not a recipe: overrides do not apply")
+        from evfsam_lightning.data.datamodule import load_data_config
+
+        try:
+            return load_data_config(path)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    cfg = load(path, overrides)  # errors before the heavy imports below
     from evfsam_lightning.training.module import model_size
     from evfsam_lightning.training.run import data_config, resolve_pretrained
 
-    try:
-        cfg = resolve_pretrained(load(path, overrides))
-        # the images themselves, not an embedding cache's features (which may not be built yet)
-        return dataclasses.replace(data_config(cfg, model_size(cfg.model)), embedding_cache=None)
-    except ConfigError as e:
-        raise SystemExit(f"evfsam-data: config error: {e}") from None
+    cfg = resolve_pretrained(cfg)
+    # the images themselves, not an embedding cache's features (which may not be built yet)
+    return dataclasses.replace(data_config(cfg, model_size(cfg.model)), embedding_cache=None)
 
 
+@console_script("evfsam-data")
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `evfsam-data`."""
-    parser = argparse.ArgumentParser(prog="evfsam-data", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="evfsam-data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="realized source/task shares and a sample grid",
                                   description="Print the realized share of each source and task kind over N "
@@ -158,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.samples < 1:
         parser.error("--samples must be >= 1")
+    if args.world_size < 1 or not 0 <= args.rank < args.world_size:
+        parser.error(f"--rank {args.rank} must be in [0, --world-size {args.world_size})")
+    if args.grid_images < 1:
+        parser.error("--grid-images must be >= 1")
     config = _data_config(args.config, args.overrides)
     result = realized_mixture(config, args.samples, rank=args.rank, world_size=args.world_size,
                               keep=args.grid_images if args.grid else 0)

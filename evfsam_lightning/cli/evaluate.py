@@ -12,10 +12,18 @@ the same image: a model that reads the text scores much lower that way.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
+
+from evfsam_lightning.cli.errors import (
+    ArgumentParser,
+    UserError,
+    checkpoint_input,
+    console_script,
+    output_path,
+)
 
 
 def parse_data(items: list[str]) -> list[tuple[str, str]]:
@@ -29,13 +37,32 @@ def parse_data(items: list[str]) -> list[tuple[str, str]]:
         out.append((name, urls))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
-        raise SystemExit(f"evfsam-eval: split names repeat: {names}; name them with name=shards")
+        raise UserError(f"--data: split names repeat: {names}; name them with name=shards")
     return out
 
 
+def check_splits(splits: list[tuple[str, str]]) -> None:
+    """Every split names shards that exist (before the model is loaded)."""
+    for name, urls in splits:
+        if not urls.startswith("pipe:") and not any(c in urls for c in "*?[{") and not Path(urls).exists():
+            raise UserError(f"--data {name}={urls}: no such file or directory (check the path)")
+        if Path(urls).is_dir() and not (any(Path(urls).glob("*.tar")) or any(Path(urls).glob("*.tar.gz"))):
+            raise UserError(f"--data {name}={urls}: the folder holds no *.tar or *.tar.gz shard")
+    from evfsam_lightning.data.stream import expand_urls
+
+    for name, urls in splits:
+        try:
+            found = expand_urls(urls)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--data {name}={urls}: {str(e).splitlines()[0]}") from None
+        if not found:
+            raise UserError(f"--data {name}={urls}: no shards match (give a folder of .tar shards, a glob or a "
+                            "brace pattern)")
+
+
+@console_script("evfsam-eval")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evfsam-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evfsam-eval", description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", nargs="+", required=True, help="[name=]shards, one per split")
     p.add_argument("--devices", type=int, default=1, help="processes (GPUs, or CPU ranks)")
@@ -46,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shuffle-expressions", action="store_true", help="text-blind control (see above)")
     p.add_argument("--out", help="write the results as JSON")
     args = p.parse_args(argv)
+    for option in ("devices", "batch_size"):
+        if getattr(args, option) < 1:
+            p.error(f"--{option.replace('_', '-')} {getattr(args, option)} must be at least 1")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers} must be 0 or more")
+    if args.precision not in ("32", "bf16-mixed", "16-mixed"):
+        p.error(f"--precision {args.precision!r} is not allowed (allowed: 32, bf16-mixed, 16-mixed)")
+    checkpoint_input(args.checkpoint)
+    splits = parse_data(args.data)
+    check_splits(splits)
+    if args.out:
+        output_path(args.out)
 
     import lightning as L
 
@@ -53,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     from evfsam_lightning.training.evaluation import EvalModule
     from evfsam_lightning.training.loading import load_for_inference, tokenizer_folder
 
-    splits = parse_data(args.data)
     model, tokenizer = load_for_inference(args.checkpoint)
     cfg = model.config
     with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:

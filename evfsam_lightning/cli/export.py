@@ -13,21 +13,25 @@ is an ordinary EVF-SAM checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from argparse import RawDescriptionHelpFormatter
+
+from evfsam_lightning.cli.errors import ArgumentParser, checkpoint_input, console_script, output_path
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp16": "float16", "float16": "float16"}
 
 
+@console_script("evfsam-export")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evfsam-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evfsam-export", description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="dtype of the exported weights")
     p.add_argument("--consolidate-only", action="store_true", help="sharded checkpoint -> one .ckpt file")
     args = p.parse_args(argv)
+    checkpoint_input(args.checkpoint)
+    output_path(args.out, folder=not args.consolidate_only)
 
     import torch
 

@@ -33,6 +33,7 @@ from ..data.sources import (
     refer,
     synthetic,
 )
+from .errors import ArgumentParser, UserError, console_script
 
 _DEFAULT_WORKERS = max(1, min(8, os.cpu_count() or 1))
 
@@ -77,7 +78,7 @@ def _coco_family(sub, fmt: str, module, layouts: tuple[tuple[str, str], ...], de
 
 def build_parser() -> argparse.ArgumentParser:
     """The `evfsam-shards` argument parser (one sub-command per raw format)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="evfsam-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
 
@@ -170,22 +171,28 @@ def _jsonl_plan(a: argparse.Namespace) -> ConversionPlan:
                       split_seed=a.split_seed)
 
 
+@console_script("evfsam-shards")
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `evfsam-shards`; returns 0, or exits with a message naming what failed."""
+    """Entry point of `evfsam-shards`; returns 0, or 2 with one line naming what failed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers < 1 or args.shard_size < 1:
         parser.error("--workers and --shard-size must be >= 1")
     if not 0 <= getattr(args, "val_fraction", 0.0) < 1:
         parser.error("--val-fraction must be in [0, 1)")
+    if args.format == "synthetic":
+        if args.train < 0 or args.val < 0 or args.train + args.val == 0:
+            parser.error(f"--train {args.train} and --val {args.val} must be 0 or more, and not both 0")
+        if args.image_size < 32:
+            parser.error(f"--image-size {args.image_size} must be at least 32 (room for 2-4 shapes)")
+
     make_plan: Callable[[argparse.Namespace], ConversionPlan] = args.make_plan
     try:
         plan = make_plan(args)
         convert(plan, args.out, workers=args.workers, shard_size=args.shard_size, strict=args.strict,
                 progress=not args.no_progress, overwrite=args.overwrite)
-    except (OSError, ValueError, SampleError, pickle.UnpicklingError) as e:
-        print(f"evfsam-shards {args.format}: error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, SampleError, pickle.UnpicklingError) as e:  # OSErrors name their file: the wrapper says it
+        raise UserError(f"{args.format}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from evfsam_lightning.cli.errors import ArgumentParser, UserError, console_script
 from evfsam_lightning.config import ConfigError, RunConfig, load
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
@@ -75,10 +76,9 @@ def _recipe_devices(recipe: str | Path, given: dict[str, str]) -> int:
     if "trainer.devices" in given:
         value = given["trainer.devices"]
     else:
-        try:
-            value = OmegaConf.select(OmegaConf.load(recipe), "trainer.devices", default=1)
-        except OSError as e:
-            raise LaunchError(f"cannot read recipe {recipe}: {e}") from None
+        from evfsam_lightning.config import _load_recipe
+
+        value = OmegaConf.select(_load_recipe(Path(recipe)), "trainer.devices", default=1)
     try:
         return int(value)
     except ValueError:
@@ -124,6 +124,8 @@ def render_batch_script(recipe: str | Path, job: Job, overrides: list[str] = (),
                           "the run would be told to stop as it starts")
     workdir = Path(workdir or os.getcwd()).resolve()
     recipe_path = (workdir / recipe).resolve()
+    if not recipe_path.is_file():
+        load(recipe_path)  # the recipe loader's one-line error (missing, a directory)
     cfg, final = plan_overrides(recipe_path, job, list(overrides))
     run_dir = (workdir / cfg.run_dir).resolve()
     fields = {
@@ -180,8 +182,8 @@ def submit(script: str, run_dir: Path) -> str:
 
 
 def _submit_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evfsam-slurm submit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evfsam-slurm submit", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for the recipe, e.g. optim.lr=1e-4")
     p.add_argument("--nodes", type=int, required=True, help="nodes (trainer.num_nodes)")
@@ -199,6 +201,7 @@ def _submit_parser() -> argparse.ArgumentParser:
     return p
 
 
+@console_script("evfsam-slurm")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -206,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     if argv[0] != "submit":
-        print(f"evfsam-slurm: unknown command {argv[0]!r} (known: submit)", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown command {argv[0]!r} (known: submit)")
     args = _submit_parser().parse_intermixed_args(argv[1:])
     job = Job(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, time=args.time,
               account=args.account, cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds)
@@ -219,9 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         run_dir = cfg.run_dir.resolve()
         job_id = submit(script, run_dir)
-    except LaunchError as e:
-        print(f"evfsam-slurm: {e}", file=sys.stderr)
-        return 2
+    except (LaunchError, ConfigError) as e:
+        raise UserError(str(e)) from None
     print(f"submitted job {job_id} for run {cfg.name}: log {run_dir / 'slurm'}/{cfg.name}-{job_id}.out",
           file=sys.stderr)
     print(job_id)

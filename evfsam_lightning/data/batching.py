@@ -323,10 +323,12 @@ class EvalStream(IterableDataset):
     with its first expression; each sample lands on exactly one rank (see `eval_batch_ranges`)."""
 
     def __init__(self, name: str, urls: Sequence[str], sizes: Sequence[int], *, prep: Preprocessing,
-                 batch_size: int, rank: int, world_size: int, strict: bool):
+                 batch_size: int, rank: int, world_size: int, strict: bool, unreadable_shards: int = 0):
         if len(urls) != len(sizes):
             raise ValueError(f"eval source {name}: {len(urls)} shards but {len(sizes)} sizes")
         self.name, self.urls, self.prep, self.strict = name, list(urls), prep, strict
+        # shards found unreadable while counting samples (no sizes.json): reported in the first batch
+        self.unreadable_shards = unreadable_shards
         self.starts = [0, *np.cumsum(sizes, dtype=np.int64).tolist()]
         self.ranges = eval_batch_ranges(self.starts[-1], world_size, batch_size)[rank]
 
@@ -339,6 +341,8 @@ class EvalStream(IterableDataset):
 
     def _batches(self, mine: list[tuple[int, int]]) -> Iterator[dict[str, Any]]:
         skips = SkipLog(self.strict)
+        if self.unreadable_shards and _worker()[0] == 0:  # warned about while counting: only counted here
+            skips.add_reported("read_error", self.unreadable_shards)
         t, bucket = 0, []
         for i, url in enumerate(self.urls):
             lo, hi = self.starts[i], self.starts[i + 1]

@@ -295,17 +295,19 @@ class EvfDataModule(L.LightningDataModule):
         self.setup()
         if source.name not in self._eval_sizes:
             urls = expand_urls(source.urls)
-            sizes = shard_sizes(urls, source.sizes)
+            sizes, unreadable = shard_sizes(urls, source.sizes), 0
             if sizes is None:  # count by reading; eval splits are small
                 log.info("eval source %s: no sizes.json, counting samples in %d shards", source.name, len(urls))
-                quiet = SkipLog()
-                with quiet.muted():
-                    sizes = [sum(1 for _ in iter_shard(u, quiet)) for u in urls]
-            self._eval_sizes[source.name] = (urls, sizes)
-        urls, sizes = self._eval_sizes[source.name]
+                # not muted: an unreadable shard is warned about and counted (strict: an error), as in training
+                counting = SkipLog(self.config.strict)
+                sizes = [sum(1 for _ in iter_shard(u, counting)) for u in urls]
+                unreadable = counting.take()["read_error"]
+            self._eval_sizes[source.name] = (urls, sizes, unreadable)
+        urls, sizes, unreadable = self._eval_sizes[source.name]
         return EvalStream(source.name, urls, sizes, prep=self.prep,
                           batch_size=self.config.eval_batch_size or self.config.batch_size,
-                          rank=self.rank, world_size=self.world_size, strict=self.config.strict)
+                          rank=self.rank, world_size=self.world_size, strict=self.config.strict,
+                          unreadable_shards=unreadable if self.rank == 0 else 0)
 
     def _eval_loaders(self, sources: list[SourceConfig]) -> DataLoader | list[DataLoader]:
         loaders = [DataLoader(self.eval_stream(s), batch_size=None, num_workers=self.config.num_workers,

@@ -84,13 +84,28 @@ class Sample:
         """The image as an (H, W, 3) uint8 RGB array."""
         try:
             with Image.open(io.BytesIO(self.image_bytes)) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = image_to_rgb(im)
         except Exception as e:  # PIL raises many types for corrupt data
             raise SampleError("bad_image", f"sample {self.key}: image does not decode ({e})") from e
         if arr.shape[:2] != (self.height, self.width):
             raise SampleError("bad_image", f"sample {self.key}: image is {arr.shape[:2]}, record says "
                                            f"{(self.height, self.width)}")
         return arr
+
+
+def image_to_rgb(im: Image.Image) -> np.ndarray:
+    """An opened image as (H, W, 3) uint8 RGB. 16-bit grayscale (modes I;16*, and I holding values up
+    to 65535) is scaled to 8 bits (v / 257), not clipped at 255 as Pillow's convert("RGB") would;
+    other high-depth modes are refused with ValueError."""
+    if im.mode.startswith("I"):
+        values = np.asarray(im.convert("I") if im.mode != "I" else im).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{im.mode} image with values outside 0..65535: convert it to 8-bit RGB first")
+        gray = np.round(values / 257.0).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError("floating-point image: convert it to 8-bit RGB first")
+    return np.asarray(im.convert("RGB"))
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
@@ -150,31 +165,91 @@ def encode_sample(sample: Sample) -> dict[str, Any]:
     return members
 
 
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
+
+
+def validate_record(rec: Any, where: str) -> None:
+    """Check a sample's JSON record against the schema above (types and shapes, not file contents).
+
+    Raises `SampleError("bad_record")` naming the first offending key, e.g. `objects[1]` or
+    `objects[0].expressions`: a record of valid JSON but the wrong shape is a counted skip, never an
+    uncaught exception further down the stream. Keys the schema does not know are allowed."""
+
+    def bad(key: str, wanted: str, value: Any) -> SampleError:
+        return SampleError("bad_record", f"{where}: record key `{key}` must be {wanted}, got {_kind(value)}")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if not isinstance(rec, dict):
+        raise bad("(top level)", "an object", rec)
+    for key in ("source", "task"):
+        if not isinstance(rec.get(key), str):
+            raise bad(key, "a string", rec.get(key))
+    if rec["task"] not in TASK_KINDS:
+        raise SampleError("bad_record", f"{where}: record key `task` is {rec['task']!r}, not one of {TASK_KINDS}")
+    image = rec.get("image")
+    if not isinstance(image, dict):
+        raise bad("image", "an object", image)
+    if not isinstance(image.get("member"), str):
+        raise bad("image.member", "a member name (string)", image.get("member"))
+    for key in ("height", "width"):
+        if not number(image.get(key)):
+            raise bad(f"image.{key}", "a positive integer", image.get(key))
+    if image.get("file") is not None and not isinstance(image["file"], str):
+        raise bad("image.file", "a string", image["file"])
+    for key, kinds, wanted in (("key", str, "a string"), ("meta", dict, "an object")):
+        if rec.get(key) is not None and not isinstance(rec[key], kinds):
+            raise bad(key, wanted, rec[key])
+    objects = rec.get("objects")
+    if not isinstance(objects, list):
+        raise bad("objects", "a list of objects", objects)
+    for i, o in enumerate(objects):
+        if not isinstance(o, dict):
+            raise bad(f"objects[{i}]", "an object", o)
+        if not isinstance(o.get("mask"), str):
+            raise bad(f"objects[{i}].mask", "a member name (string)", o.get("mask"))
+        exprs = o.get("expressions", [])
+        if not isinstance(exprs, list):
+            raise bad(f"objects[{i}].expressions", "a list of strings", exprs)
+        for j, e in enumerate(exprs):
+            if not isinstance(e, str):
+                raise bad(f"objects[{i}].expressions[{j}]", "a string", e)
+        if o.get("category") is not None and not isinstance(o["category"], str):
+            raise bad(f"objects[{i}].category", "a string", o["category"])
+
+
 def decode_sample(members: dict[str, Any], where: str | None = None) -> Sample:
     """A raw WebDataset sample (member suffix -> bytes) back into a `Sample`.
 
     Raises `SampleError` with a countable reason for every way a sample can be unusable:
-    bad_json, missing_image, missing_mask, bad_mask, mask_size, no_expression."""
+    bad_json, bad_record (valid JSON of the wrong shape), missing_image, missing_mask, bad_mask,
+    mask_size, no_expression."""
     key = members.get("__key__", "?")
     where = where or f"{members.get('__url__', '?')}:{key}"
+    if "json" not in members:
+        raise SampleError("bad_json", f"{where}: no .json record member")
     try:
         rec = json.loads(members["json"])
-        image = rec["image"]
-        height, width, ext = int(image["height"]), int(image["width"]), image["member"]
-        objects_rec = rec["objects"]
-        source, task = rec["source"], rec["task"]
-    except KeyError as e:
-        raise SampleError("bad_json", f"{where}: record lacks {e}") from e
     except Exception as e:
         raise SampleError("bad_json", f"{where}: malformed JSON record ({e})") from e
+    validate_record(rec, where)
+    image = rec["image"]
+    height, width, ext = image["height"], image["width"], image["member"]
     if ext not in members:
         raise SampleError("missing_image", f"{where}: image member .{ext} missing")
     objects = []
-    for i, o in enumerate(objects_rec):
-        exprs = [e for e in o.get("expressions", []) if isinstance(e, str) and e.strip()]
+    for i, o in enumerate(rec["objects"]):
+        exprs = [e for e in o.get("expressions", []) if e.strip()]
         if not exprs:
             raise SampleError("no_expression", f"{where}: object {i} has no expression")
-        name = o.get("mask")
+        name = o["mask"]
         if name not in members:
             raise SampleError("missing_mask", f"{where}: mask member .{name} missing")
         mask = decode_mask_png(members[name], f"{where}.{name}")
@@ -183,6 +258,6 @@ def decode_sample(members: dict[str, Any], where: str | None = None) -> Sample:
         objects.append(SampleObject(exprs, mask, o.get("category"), o.get("id"), no_target=o.get("no_target") is True))
     if not objects:
         raise SampleError("no_expression", f"{where}: sample has no object")
-    return Sample(key=str(rec.get("key", key)), source=source, task=task, image_bytes=members[ext],
+    return Sample(key=str(rec.get("key", key)), source=rec["source"], task=rec["task"], image_bytes=members[ext],
                   image_ext=ext, objects=objects, height=height, width=width,
-                  image_file=image.get("file"), meta=rec.get("meta", {}))
+                  image_file=image.get("file"), meta=rec.get("meta") or {})

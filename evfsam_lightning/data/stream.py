@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 #: Reasons a sample is skipped: `schema.decode_sample`'s, plus `truncated_tar` (the sample at the
 #: point where a shard breaks off is incomplete) and `read_error` (a shard that cannot be opened or
 #: is not a tar at all; this one counts shards, not samples).
-SKIP_REASONS = ("bad_json", "missing_image", "missing_mask", "bad_mask", "mask_size", "no_expression",
+SKIP_REASONS = ("bad_json", "bad_record", "missing_image", "missing_mask", "bad_mask", "mask_size", "no_expression",
                 "bad_image", "truncated_tar", "read_error")
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -97,6 +97,11 @@ class SkipLog:
             self._unreported.clear()
             self._last_report = now
 
+    def add_reported(self, reason: str, n: int) -> None:
+        """Count `n` skips that were already reported (logged) elsewhere."""
+        self._delta[reason] += n
+        self._seen[reason] += n
+
     def note(self, message: str) -> None:
         """Log an event that loses no sample (e.g. a shard that breaks off after a complete sample)."""
         if not self._muted:
@@ -145,7 +150,7 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
                 found = sorted(glob.glob(os.path.join(path, "*.tar")) + glob.glob(os.path.join(path, "*.tar.gz")))
                 if not found:
                     raise FileNotFoundError(f"shard directory {path} holds no *.tar or *.tar.gz file")
-                urls.extend(found)
+                urls.extend(_listed_in_sizes(path, found))
             elif _GLOB_CHARS.search(path):
                 found = sorted(glob.glob(path))
                 if not found:
@@ -156,6 +161,30 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
     if not urls:
         raise ValueError(f"no shard URL in {spec!r}")
     return urls
+
+
+_WARNED_STRAY: set[str] = set()
+
+
+def _listed_in_sizes(folder: str, found: list[str]) -> list[str]:
+    """The shards of a folder that its sizes.json lists (all of them without one). A file the
+    writer's manifest does not list (a stray copy, a partial download, an unrelated tar) is not
+    part of the dataset: it is left out, with one warning naming it, so that it can neither stop
+    the run nor make the epoch size unknown."""
+    sizes = os.path.join(folder, "sizes.json")
+    if not os.path.isfile(sizes):
+        return found
+    try:
+        listed = _read_sizes_file(sizes)
+    except (OSError, ValueError):
+        return found  # an unreadable sizes.json is reported where sizes are needed
+    keep = [f for f in found if os.path.basename(f) in listed or f in listed]
+    stray = [os.path.basename(f) for f in found if f not in keep]
+    if stray and folder not in _WARNED_STRAY:
+        _WARNED_STRAY.add(folder)
+        log.warning("shard directory %s: ignoring %d file(s) its sizes.json does not list: %s", folder, len(stray),
+                    ", ".join(stray[:5]) + (" ..." if len(stray) > 5 else ""))
+    return keep or found
 
 
 @lru_cache(maxsize=64)

@@ -25,6 +25,7 @@ from evfsam_lightning.training.callbacks import (
     atomic_write_text,
     find_resume_checkpoint,
 )
+from evfsam_lightning.training.peers import PeerTable
 from evfsam_lightning.training.preemption import PreemptionCheckpoint, slurm_plugins
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,16 @@ def _expressions_in_shards(folder: Path) -> list[str]:
     return out
 
 
+_SYNTHETIC_ENTRIES = {"train", "val", "tokenizer", "report.json", "READY.json"}
+
+
 def ensure_synthetic(cfg: RunConfig) -> tuple[Path, Path]:
     """Generate the synthetic dataset and its tokenizer once (any rank may get here first; a file
-    lock makes the others wait). Returns (shard root, tokenizer folder)."""
+    lock makes the others wait). Generation is atomic: it fills a temporary folder beside the
+    destination and renames it into place, so a failed or killed generation leaves no partial
+    dataset; a partial one from before (no READY.json) is replaced. Returns (shard root, tokenizer)."""
+    import shutil
+
     from evfsam_lightning.data.sources.synthetic import generate_synthetic
     from evfsam_lightning.data.tokenizer import build_tokenizer
 
@@ -67,11 +75,30 @@ def ensure_synthetic(cfg: RunConfig) -> tuple[Path, Path]:
                   "image_size": syn.image_size}
         if done.is_file() and json.loads(done.read_text()) == wanted:
             return root, root / "tokenizer"
+        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # of a killed generation (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        if root.exists() and (not root.is_dir() or not {p.name for p in root.iterdir()} <= _SYNTHETIC_ENTRIES):
+            raise ConfigError(f"data.synthetic.dir={syn.dir!r} exists and is not a synthetic dataset (it holds other "
+                              "files): choose another folder")
+        if root.exists():
+            state = "an older" if done.is_file() else "a partial (interrupted)"
+            print(f"replacing {state} synthetic dataset in {root}")
         print(f"generating the synthetic dataset in {root} ({syn.train} train / {syn.val} val images) ...")
-        generate_synthetic(root, n_train=syn.train, n_val=syn.val, image_size=syn.image_size, seed=syn.seed,
-                           grammar=syn.grammar, workers=min(2, os.cpu_count() or 1), overwrite=True)
-        build_tokenizer(_expressions_in_shards(root / "train"), root / "tokenizer", vocab_size=128)
-        atomic_write_text(done, json.dumps(wanted))
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        try:
+            generate_synthetic(tmp, n_train=syn.train, n_val=syn.val, image_size=syn.image_size, seed=syn.seed,
+                               grammar=syn.grammar, workers=min(2, os.cpu_count() or 1), overwrite=True)
+            build_tokenizer(_expressions_in_shards(tmp / "train"), tmp / "tokenizer", vocab_size=128)
+            atomic_write_text(tmp / "READY.json", json.dumps(wanted))
+            if root.exists():  # the old dataset goes aside first: a rename cannot replace a folder
+                old = root.parent / f".{root.name}.tmp-{os.getpid()}-old"
+                os.replace(root, old)
+                os.replace(tmp, root)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root, root / "tokenizer"
 
 
@@ -83,6 +110,9 @@ def data_config(cfg: RunConfig, model_cfg):
     train = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.train]
     val = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.val]
     tokenizer = cfg.model.tokenizer or cfg.model.pretrained
+    if tokenizer and not (Path(tokenizer) / "sentencepiece.bpe.model").is_file():
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.pretrained"
+        raise ConfigError(f"{key}={tokenizer!r}: no sentencepiece.bpe.model there (give the folder that holds it)")
     if d.synthetic is not None:
         root, tok = ensure_synthetic(cfg)
         train = train or [SourceConfig("synthetic", [str(root / "train")])]
@@ -202,6 +232,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         PreemptionCheckpoint(ckpt_dir),
         Throughput(t.global_batch_size, t.log_every_n_steps),
         ProcessLayout(),
+        PeerTable(),
         *extra_callbacks,
     ]
     if cfg.logging.progress_bar:  # refreshed (and the loss read from the device) once per log interval

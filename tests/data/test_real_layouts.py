@@ -169,7 +169,7 @@ def no_target_flags(tar: Path) -> dict[str, list]:
 
 
 def test_grefcoco_multi_target_overlap_and_no_target(tmp_path, capsys):
-    assert run_cli("grefcoco", "--root", tmp_path / "refer_seg", "--out", tmp_path / "none") == 1
+    assert run_cli("grefcoco", "--root", tmp_path / "refer_seg", "--out", tmp_path / "none") == 2
     assert "grefcoco/grefs(unc).json: refs file not found" in capsys.readouterr().err
     raw = make_grefcoco(tmp_path / "refer_seg")
     out = tmp_path / "out"
@@ -275,7 +275,7 @@ def test_objects365_real_layout_list_of_rle_and_crowd(tmp_path, capsys):
         np.testing.assert_array_equal(got["objects365-train-2"].objects[0].mask, box(0, 4, 0, 4))
         assert skip_counts(out) == {}
     # EVF-SAM's file holds one split: asking for two without an --ann that names {split} is an error.
-    assert run_cli("objects365", "--root", base, "--out", tmp_path / "two", "--split", "train", "val") == 1
+    assert run_cli("objects365", "--root", base, "--out", tmp_path / "two", "--split", "train", "val") == 2
     assert "o365_res_instances.json is one file but 2 splits" in capsys.readouterr().err
 
 

@@ -174,7 +174,7 @@ def test_refer_split_selection_and_strict(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_cli("refer", "--root", tmp_path / "refer", "--out", out, "--split", "val", "--workers", 1) == 0
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "val"]
-    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o2", "--split", "nope") == 1
+    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o2", "--split", "nope") == 2
     assert "no refs in split(s) ['nope']" in capsys.readouterr().err
 
     plan = refer.plan(tmp_path / "refer", splits=["train"])
@@ -192,7 +192,7 @@ def test_refer_split_selection_and_strict(tmp_path, capsys):
         convert(plan, tmp_path / "strict2", strict=True, progress=False)
     assert not list((tmp_path / "strict2").rglob("*.*"))  # no shard, temp file, sizes.json or report
     assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "strict2", "--split", "val") == 0
-    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o3", "--strict") == 1
+    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "o3", "--strict") == 2
     assert "refs(unc).p: ref 109" in capsys.readouterr().err
 
 
@@ -219,7 +219,7 @@ def test_restricted_unpickler_rejects_code(tmp_path, capsys):
     path.write_bytes(pickle.dumps([{"ref_id": 1, "evil": Evil()}], protocol=2))
     with pytest.raises(UnsafePickleError, match=r"refs\(unc\)\.p.*(posix|os)\.system"):
         load_pickle(path)
-    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "out") == 1
+    assert run_cli("refer", "--root", tmp_path / "refer", "--out", tmp_path / "out") == 2
     assert "refs(unc).p" in capsys.readouterr().err
     assert not (tmp_path / "owned").exists()
     plain = tmp_path / "plain.p"
