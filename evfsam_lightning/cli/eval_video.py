@@ -24,10 +24,13 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from evfsam_lightning.cli.errors import ArgumentParser, checkpoint_input, console_script
 
 
 def parse_data(items: list[str]) -> list[tuple[str, Path, str]]:
@@ -158,9 +161,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@console_script("evfsam-eval-video")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evfsam-eval-video", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evfsam-eval-video", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="EVF-SAM2 training checkpoint or official-layout folder")
     p.add_argument("--data", nargs="+", required=True, help="[name=]ROOT[:SPLIT], one per split")
     p.add_argument("--devices", type=int, default=1, help="processes sharing the sequences")
@@ -171,32 +175,37 @@ def main(argv: list[str] | None = None) -> int:
 
     from evfsam_lightning.config import ConfigError
 
-    try:
-        if args.devices < 1:
-            raise ConfigError(f"--devices must be >= 1 (got {args.devices})")
-        splits = parse_data(args.data)
-        sequences = [s for name, root, split in splits for s in load_sequences(name, root, split, args.max_expressions)]
-        if args.devices == 1:
-            results = _worker(0, 1, 0, args, sequences)
-        else:
-            import torch.multiprocessing as mp
+    if args.devices < 1:
+        raise ConfigError(f"--devices must be >= 1 (got {args.devices})")
+    splits = parse_data(args.data)
+    sequences = [s for name, root, split in splits for s in load_sequences(name, root, split, args.max_expressions)]
+    checkpoint_input(args.checkpoint)
+    if args.devices == 1:
+        results = _worker(0, 1, 0, args, sequences)
+    else:
+        import torch.multiprocessing as mp
 
-            ctx = mp.get_context("spawn")
-            queue = ctx.SimpleQueue()
-            port = _free_port()
-            procs = [ctx.Process(target=_worker, args=(r, args.devices, port, args, sequences, queue))
-                     for r in range(args.devices)]
-            for proc in procs:
-                proc.start()
-            results = queue.get()
-            for proc in procs:
-                proc.join()
-            if any(proc.exitcode for proc in procs):
-                print("evfsam-eval-video: error: a rank failed", file=sys.stderr)
-                return 1
-    except ConfigError as e:
-        print(f"evfsam-eval-video: error: {e}", file=sys.stderr)
-        return 2
+        ctx = mp.get_context("spawn")
+        queue = ctx.SimpleQueue()
+        port = _free_port()
+        procs = [ctx.Process(target=_worker, args=(r, args.devices, port, args, sequences, queue))
+                 for r in range(args.devices)]
+        for proc in procs:
+            proc.start()
+        results = None
+        while results is None:  # rank 0 sends the gathered results; a failed rank ends the wait
+            if not queue.empty():
+                results = queue.get()
+            elif any(proc.exitcode not in (None, 0) for proc in procs) or all(not proc.is_alive() for proc in procs):
+                if queue.empty():
+                    break
+            else:
+                time.sleep(0.2)
+        for proc in procs:
+            proc.join()
+        if results is None or any(proc.exitcode for proc in procs):
+            print("evfsam-eval-video: a rank failed (its traceback is above)", file=sys.stderr)
+            return 1
     names = [n for n, _, _ in splits]
     summary = summarise(results, names)
     width = max(len(n) for n in names)

@@ -23,6 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from evfsam_lightning.cli.errors import (
+    ArgumentParser,
+    UserError,
+    checkpoint_input,
+    console_script,
+    output_path,
+)
+
 DEMO_TEXT = "the red square"
 #: palette of the indexed PNGs and overlay colours: background black, then one colour per object
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -64,9 +72,7 @@ def write_overlay(source, mask_dir: Path, out: Path, fps: float = 10.0) -> None:
     try:
         import av
     except ImportError as e:
-        from evfsam_lightning.config import ConfigError
-
-        raise ConfigError("--overlay needs PyAV: pip install av") from e
+        raise UserError("--overlay needs PyAV (pip install av)") from e
     h, w = source.video_hw
     out.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(out), "w") as container:
@@ -119,9 +125,10 @@ def predict_video(model, tokenizer, video, texts: list[str], prompt_frames: list
     return present
 
 
+@console_script("evfsam-predict-video")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evfsam-predict-video", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="evfsam-predict-video", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="EVF-SAM2 training checkpoint or folder in the official layout")
     p.add_argument("--video", help="video file or folder of frames")
     p.add_argument("--text", action="append", default=[], help="a referring expression (repeat for more objects)")
@@ -138,44 +145,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", action="store_true", help="tiny random EVF-SAM2 + generated clip (smoke test)")
     args = p.parse_args(argv)
 
-    from evfsam_lightning.config import ConfigError
-    from evfsam_lightning.models.checkpoints import CheckpointError
+    out = output_path(args.out, folder=True)
+    if args.overlay:
+        output_path(args.overlay, "--overlay")
+    if any(not t.strip() for t in args.text):
+        raise UserError("--text is empty (give the referring expression, e.g. --text \"the dog\")")
+    if args.demo:
+        ckpt, video = _demo(out / "demo_checkpoint")
+        texts = args.text or [DEMO_TEXT]
+        out = out / "masks"
+    else:
+        missing = [f"--{n}" for n in ("checkpoint", "video") if not getattr(args, n)] + ([] if args.text else ["--text"])
+        if missing:
+            p.error(f"missing {', '.join(missing)} (or use --demo)")
+        ckpt, video, texts = args.checkpoint, args.video, [t.strip() for t in args.text]
+        if not Path(video).exists():
+            raise UserError(f"--video {video}: no such file or folder (check the path)")
+    frames = args.prompt_frame or [0]
+    if len(frames) == 1:
+        frames = frames * len(texts)
+    if len(frames) != len(texts):
+        raise UserError(f"{len(texts)} --text but {len(frames)} --prompt-frame (give one, or one per text)")
+    from evfsam_lightning.models.video_io import as_frame_source
 
-    out = Path(args.out)
-    try:
-        if args.demo:
-            ckpt, video = _demo(out / "demo_checkpoint")
-            texts = args.text or [DEMO_TEXT]
-            out = out / "masks"
-        else:
-            missing = [f"--{n}" for n in ("checkpoint", "video") if not getattr(args, n)] + ([] if args.text else ["--text"])
-            if missing:
-                p.error(f"missing {', '.join(missing)} (or use --demo)")
-            ckpt, video, texts = args.checkpoint, args.video, args.text
-            if not Path(video).exists():
-                raise ConfigError(f"--video {video}: no such file or folder")
-        frames = args.prompt_frame or [0]
-        if len(frames) == 1:
-            frames = frames * len(texts)
-        if len(frames) != len(texts):
-            raise ConfigError(f"{len(texts)} --text but {len(frames)} --prompt-frame (give one, or one per text)")
-        from evfsam_lightning.models.video_io import as_frame_source
+    source = as_frame_source(video)  # reads the folder / probes the file before the model is built
+    for f in frames:
+        if not 0 <= f < len(source):
+            raise UserError(f"--prompt-frame {f} is outside the clip {video} (frames 0..{len(source) - 1})")
+    if not args.demo:
+        checkpoint_input(ckpt)
+    from evfsam_lightning.training.loading import load_for_inference
 
-        source = as_frame_source(video)  # reads the folder / probes the file before the model is built
-        from evfsam_lightning.training.loading import load_for_inference
-
-        model, tokenizer = load_for_inference(ckpt, args.device)
-        if getattr(model.visual_model, "family", None) != "sam2":
-            raise ConfigError(f"--checkpoint {ckpt}: video tracking needs an EVF-SAM2 model (this one is EVF-SAM)")
-        model.eval()
-        direction = "backward" if args.reverse else "both" if args.both else "forward"
-        present = predict_video(model, tokenizer, source, texts, frames, direction, out,
-                                progress=not args.no_progress)
-        if args.overlay:
-            write_overlay(source, out, Path(args.overlay), args.fps)
-    except (ConfigError, CheckpointError) as e:
-        print(f"evfsam-predict-video: error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_for_inference(ckpt, args.device)
+    if getattr(model.visual_model, "family", None) != "sam2":
+        raise UserError(f"--checkpoint {ckpt}: video tracking needs an EVF-SAM2 model (this one is EVF-SAM)")
+    model.eval()
+    direction = "backward" if args.reverse else "both" if args.both else "forward"
+    present = predict_video(model, tokenizer, source, texts, frames, direction, out, progress=not args.no_progress)
+    if args.overlay:
+        write_overlay(source, out, Path(args.overlay), args.fps)
     for i, text in enumerate(texts):
         print(f"{text!r}: present on {present[i + 1]} of {len(source)} frames")
     print(f"masks -> {out}" + (f", overlay -> {args.overlay}" if args.overlay else ""))
