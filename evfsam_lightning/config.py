@@ -77,7 +77,11 @@ class DataConfig:
     val: list[SourceConfig] = doc(help="validation sources (finite, each sample once)", factory=list)
     synthetic: SyntheticConfig | None = doc(None, "generate the synthetic referring dataset if absent")
     num_workers: int = doc(2, "data loader workers per rank")
-    max_expressions_per_image: int = doc(3, "objects (one expression each) drawn per training image")
+    max_expressions_per_image: int = doc(3, "(expression, mask) pairs drawn per training image")
+    expression_sampling: str = doc("sentences", "how a referring training image's expressions are drawn: "
+                                                "sentences (EVF-SAM's way: distinct sentences from all sentences "
+                                                "of all its objects, each with its object's mask) or objects "
+                                                "(distinct objects, one random sentence each)")
     max_text_length: int = doc(64, "tokens per expression, </s> included")
     mixing: str = doc("sample", "sample: sources mixed per sample; batch: each batch from one source")
     samples_per_epoch: int = doc(0, "training images per epoch over all ranks (0: one pass of the mixture)")
@@ -179,6 +183,7 @@ class RunConfig:
 _CHOICES = {
     "model.mode": ("frozen_image_encoder", "full"),
     "data.mixing": ("sample", "batch"),
+    "data.expression_sampling": ("sentences", "objects"),
     "data.sam_resize": ("auto", "worker", "device"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "strategy.name": ("auto", "ddp", "deepspeed", "fsdp"),
