@@ -204,7 +204,16 @@ def run(fixture: Path, onnx: bool = False) -> bool:
     family = fixture_family(manifest)
     torch.manual_seed(0)
     report = Report()
-    if onnx:
+    from evfsam_lightning.models.parity_video import is_video_fixture
+
+    if is_video_fixture(manifest):
+        if onnx:
+            raise SystemExit("check_parity: --onnx does not cover video fixtures (the memory path is not exported)")
+        from evfsam_lightning.models.parity_video import check_parity_video
+
+        family = "sam2 video"
+        check_parity_video(fixture, manifest, report)
+    elif onnx:
         check_onnx(fixture, manifest, family, report)
     elif family == "sam":
         check_sam1(fixture, manifest, report)
