@@ -23,7 +23,8 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 MODULES = {
     "evfsam-train": "train", "evfsam-eval": "evaluate", "evfsam-predict": "predict", "evfsam-export": "export",
     "evfsam-data": "data", "evfsam-shards": "shards", "evfsam-slurm": "slurm",
-    "evfsam-cache-embeddings": "cache",
+    "evfsam-cache-embeddings": "cache", "evfsam-demo": "demo", "evfsam-predict-video": "predict_video",
+    "evfsam-eval-video": "eval_video",
 }
 
 
@@ -76,6 +77,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     import tarfile
 
     tarfile.open(f["shards"] / "s-000000.tar", "w").close()
+    f["frames"] = d / "frames"  # a one-frame clip as a frame folder
+    f["frames"].mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(f["frames"] / "00000.jpg")
     return f
 
 
@@ -84,6 +88,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
     q = str(QUICKSTART)
     ck = ["--data", str(f["shards"])]
     pred = ["--image", str(f["image"]), "--text", "the dog", "--out", "out/mask.png"]
+    clip = ["--video", str(f["frames"]), "--text", "the dog", "--out", "out/masks"]
     cases = [
         # recipes: malformed, a list, missing, a directory, binary, YAML that would build objects
         ("evfsam-train", [str(f["malformed"])], "malformed YAML"),
@@ -117,7 +122,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-eval", ["--checkpoint", str(f["dir"]), *ck], "holds no checkpoint"),
         ("evfsam-eval", ["--checkpoint", str(f["text"]), *ck], "not a PyTorch checkpoint"),
         ("evfsam-eval", ["--checkpoint", str(f["truncated"]), *ck], "not a PyTorch checkpoint"),
-        ("evfsam-eval", ["--checkpoint", str(f["pickle"]), *ck], "pwn.ckpt"),
+        ("evfsam-eval", ["--checkpoint", str(f["pickle"]), *ck], "unsafe pickle"),
         ("evfsam-eval", ["--checkpoint", str(f["official"]), "--data", str(f["missing"])], "no such file"),
         ("evfsam-eval", ["--checkpoint", str(f["official"]), "--data", str(f["dir"])], "no *.tar"),
         ("evfsam-eval", ["--checkpoint", str(f["official"]), *ck, "--devices", "0"], "--devices 0"),
@@ -130,7 +135,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-predict", ["--checkpoint", str(f["official"]), "--image", str(f["image"]), "--text", "  \t ",
                             "--out", "m.png"], "--text is empty"),
         ("evfsam-predict", ["--checkpoint", str(f["missing"]), *pred], "no such file"),
-        ("evfsam-predict", ["--checkpoint", str(f["pickle"]), *pred], "pwn.ckpt"),
+        ("evfsam-predict", ["--checkpoint", str(f["pickle"]), *pred], "unsafe pickle"),
         ("evfsam-predict", ["--checkpoint", str(f["text"]), *pred], "not a PyTorch checkpoint"),
         ("evfsam-predict", ["--checkpoint", str(f["official"]), "--image", str(f["missing"]), "--text", "x",
                             "--out", "m.png"], "--image"),
@@ -142,7 +147,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-export", ["--checkpoint", str(f["missing"]), "--out", "x"], "no such file"),
         ("evfsam-export", ["--checkpoint", str(f["dir"]), "--out", "x"], "holds no checkpoint"),
         ("evfsam-export", ["--checkpoint", str(f["truncated"]), "--out", "x"], "not a PyTorch checkpoint"),
-        ("evfsam-export", ["--checkpoint", str(f["pickle"]), "--out", "x"], "pwn.ckpt"),
+        ("evfsam-export", ["--checkpoint", str(f["pickle"]), "--out", "x"], "unsafe pickle"),
         ("evfsam-export", ["--checkpoint", str(f["official"]), "--out", f"{f['text']}/x"], "is a file"),
         ("evfsam-export", ["--checkpoint", str(f["official"]), "--out", str(f["text"])], "is a file"),
         # data inspection
@@ -166,6 +171,21 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-slurm", ["launch"], "unknown command"),
         ("evfsam-cache-embeddings", [q, "--out", "cache"], "model.mode='full'"),
         ("evfsam-cache-embeddings", [str(f["missing"]), "--out", "cache"], "not found"),
+        # the demo, video prediction and video evaluation
+        ("evfsam-demo", ["--checkpoint", str(f["missing"])], "no such file"),
+        ("evfsam-demo", ["--checkpoint", str(f["dir"])], "holds no checkpoint"),
+        ("evfsam-demo", ["--checkpoint", str(f["text"])], "not a PyTorch checkpoint"),
+        ("evfsam-demo", ["--checkpoint", str(f["pickle"])], "unsafe pickle"),
+        ("evfsam-predict-video", ["--checkpoint", str(f["missing"]), *clip], "no such file"),
+        ("evfsam-predict-video", ["--checkpoint", str(f["dir"]), *clip], "holds no checkpoint"),
+        ("evfsam-predict-video", ["--checkpoint", str(f["truncated"]), *clip], "not a PyTorch checkpoint"),
+        ("evfsam-predict-video", ["--checkpoint", str(f["pickle"]), *clip], "unsafe pickle"),
+        ("evfsam-predict-video", ["--checkpoint", str(f["official"]), "--video", str(f["missing"]), "--text", "x",
+                                  "--out", "o"], "--video"),
+        ("evfsam-predict-video", ["--checkpoint", str(f["official"]), "--video", str(f["dir"]), "--text", "x",
+                                  "--out", "o"], "no frames"),
+        ("evfsam-eval-video", ["--checkpoint", str(f["official"]), "--data", str(f["missing"])], "not found"),
+        ("evfsam-eval-video", ["--checkpoint", str(f["official"]), "--data", str(f["dir"])], "meta_expressions"),
     ]
     if os.geteuid() != 0:  # root reads any file
         cases += [("evfsam-train", [str(f["unreadable"])], "cannot read"),
@@ -176,7 +196,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
 
 CASES = _cases({k: Path(f"<{k}>") for k in ("dir", "text", "garbage", "missing", "truncated", "pickle",
                                              "malformed", "list", "yaml_code", "urls_string",
-                                             "official", "image", "shards", "refer", "unreadable")})
+                                             "official", "image", "shards", "refer", "unreadable", "frames")})
 
 
 def _run(command: str, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

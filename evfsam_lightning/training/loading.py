@@ -10,6 +10,7 @@ into a temporary file first), and a run directory (its best checkpoint by valida
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -105,8 +106,12 @@ def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device
     path = Path(path)
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ck.CheckpointError(f"training checkpoint {path}: refused, the file holds code or objects a checkpoint "
+                                 "does not (unsafe pickle; only load checkpoints you trust)") from None
     except Exception as e:
-        raise ck.CheckpointError(f"cannot read training checkpoint {path}: {type(e).__name__}: {e}") from e
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ck.CheckpointError(f"cannot read training checkpoint {path}: {type(e).__name__}: {first}") from e
     hp = ckpt.get("hyper_parameters", {})
     if "config" not in hp or "state_dict" not in ckpt:
         raise ck.CheckpointError(f"{path} is not an evfsam-train checkpoint (no config or state_dict)")
