@@ -71,6 +71,9 @@ class ConversionPlan:
     items: list[WorkItem]
     splits: list[str]
     skipped: list[Skip] = field(default_factory=list)
+    vocabulary: dict[str, Any] | None = None
+    """{"template", "names"}: the source's category vocabulary, written as `vocabulary.json` into
+    every split folder (no-target negatives, docs/no_target.md)."""
 
 
 def hash_split(image_file: str, val_fraction: float, seed: int = 0) -> str:
@@ -169,6 +172,9 @@ def convert(plan: ConversionPlan, out_dir: str | Path, *, workers: int = 1, shar
             w.abort()
         raise
 
+    if plan.vocabulary is not None:
+        for split in plan.splits:
+            write_json_atomic(out_dir / split / "vocabulary.json", plan.vocabulary)
     report = _report(plan, sizes, skips)
     write_json_atomic(out_dir / REPORT_FILE, report)
     print_report(report, file=sys.stdout)

@@ -31,7 +31,12 @@ SUBSETS = {
     "beit3": ("mm_extractor.",),
     "projector": ("text_hidden_fcs.",),
     "sam_image_encoder": ("visual_model.vision_encoder.",),
+    "presence": ("presence_head.",),
 }
+#: The optional presence head's file in an export folder (not part of the official layout): its
+#: tensors under our key names (`presence_head.mlp.*`), the threshold in the metadata too.
+PRESENCE_FILE = "presence_head.safetensors"
+PRESENCE_PREFIX = "presence_head."
 
 
 class CheckpointError(RuntimeError):
@@ -259,10 +264,42 @@ def load_reference_folder(folder: str | os.PathLike, device: str | torch.device 
         from evfsam_lightning.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
-    model = build_model(cfg, device="meta")
+    has_presence = (folder / PRESENCE_FILE).is_file()
+    model = build_model(cfg, device="meta", presence_head=has_presence)
     model.to_empty(device=device)
-    load_reference_weights(model, weights)
+    load_reference_weights(model, weights, allow_missing=("presence",))
+    if has_presence:
+        load_presence_head(model, folder / PRESENCE_FILE)
     return model, tokenizer
+
+
+def save_presence_head(model: nn.Module, path: str | os.PathLike) -> None:
+    """The presence head's tensors (and its threshold, also as metadata) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()
+             if k.startswith(PRESENCE_PREFIX)}
+    threshold = float(model.presence_head.threshold)
+    save_file(state, str(path), metadata={"format": "pt", "threshold": repr(threshold),
+                                          "about": "evfsam_lightning presence head (docs/no_target.md)"})
+
+
+def load_presence_head(model: nn.Module, path: str | os.PathLike) -> float:
+    """Load a `PRESENCE_FILE` into `model.presence_head`; returns the threshold."""
+    if getattr(model, "presence_head", None) is None:
+        raise CheckpointError(f"{path}: the model has no presence head to load it into")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    own = {k for k in model.state_dict() if k.startswith(PRESENCE_PREFIX)}
+    if set(state) != own:
+        raise CheckpointError(f"{path}: presence head keys {sorted(state)} do not match the model's {sorted(own)}")
+    if "threshold" in meta:
+        state[PRESENCE_PREFIX + "threshold"] = torch.tensor(float(meta["threshold"]))
+    load_into(model, state, source=str(path), allow_missing=("beit3", "projector", "sam"))
+    return float(model.presence_head.threshold)
 
 
 def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
@@ -275,7 +312,7 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
     out_dir = Path(out_dir)
     if any(k.endswith((".lora_a", ".lora_b")) for k in model.state_dict()):
         raise CheckpointError("the model has unmerged LoRA layers: merge them first (models.lora.merge_lora)")
-    state = to_reference(model, model.state_dict())
+    state = {k: v for k, v in to_reference(model, model.state_dict()).items() if not k.startswith(PRESENCE_PREFIX)}
     if extra_state:
         state.update(extra_state)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
@@ -297,6 +334,8 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
             "evfsam_lightning": {"model": cfg.to_dict()},
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if getattr(model, "presence_head", None) is not None:  # ours only: the official code never opens it
+            save_presence_head(model, tmp / PRESENCE_FILE)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name
