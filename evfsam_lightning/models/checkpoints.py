@@ -302,6 +302,12 @@ def load_presence_head(model: nn.Module, path: str | os.PathLike) -> float:
     return float(model.presence_head.threshold)
 
 
+def official_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under the official key names, without what the reference model lacks
+    (the presence head, which an export writes to `PRESENCE_FILE`)."""
+    return {k: v for k, v in to_reference(model, model.state_dict()).items() if not k.startswith(PRESENCE_PREFIX)}
+
+
 def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                      dtype: torch.dtype | None = None, extra_state: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write `model` in the official layout: `model.safetensors` under official key names,
@@ -312,7 +318,7 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
     out_dir = Path(out_dir)
     if any(k.endswith((".lora_a", ".lora_b")) for k in model.state_dict()):
         raise CheckpointError("the model has unmerged LoRA layers: merge them first (models.lora.merge_lora)")
-    state = {k: v for k, v in to_reference(model, model.state_dict()).items() if not k.startswith(PRESENCE_PREFIX)}
+    state = official_state(model)
     if extra_state:
         state.update(extra_state)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()

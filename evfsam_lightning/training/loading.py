@@ -119,7 +119,7 @@ def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device
             raise ck.CheckpointError(f"{path} lacks weights it did not declare left out: {', '.join(missing[:10])}")
         ck.load_into(model, state, source=str(path), allow_missing=tuple(ck.SUBSETS))
     else:
-        model = add_configured_lora(build_model(model_size(cfg.model)), cfg)
+        model = add_configured_lora(build_model(model_size(cfg.model), presence_head=cfg.model.presence_head), cfg)
         ck.load_into(model, state, source=str(path))
     if TOKENIZER_KEY not in ckpt:
         raise ck.CheckpointError(f"{path} carries no tokenizer files")
