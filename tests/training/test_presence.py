@@ -138,3 +138,68 @@ def test_mask_loss_skips_no_target_objects_with_the_head():
     torch.testing.assert_close(losses["presence"], 2.0 * presence)
     losses["loss"].backward()
     assert module.model.presence_head.mlp[0].weight.grad is not None
+
+
+# -- acceptance: the same tiny model with and without the head, side by side -----------------------
+STEPS = 300
+
+
+def _val_split_with_negatives(folder, n: int = 32, seed: int = 0):
+    """Synthetic validation images, each with 1-2 no-target expressions naming absent colours (about a
+    third of all expressions), written as a real shard folder."""
+    from evfsam_lightning.data.shards import ShardWriter
+
+    writer = ShardWriter(folder, "synthetic_gres-val", 1000, format="synthetic", split="val")
+    for i in range(n):
+        sample = make_sample(seed, "val", i)
+        sample, _ = add_negatives(sample, [], SYNTHETIC_VOCABULARY, 1 + i % 2, np.random.default_rng([seed, i]))
+        writer.write(sample)
+    writer.close()
+
+
+def _evaluate(checkpoint, folder) -> dict:
+    """gIoU / N-acc / T-acc (training.metrics.ReferringIoU) of every expression of the split, through
+    `EvfSam.predict` (with a head: its threshold; without: "no target" = an empty mask)."""
+    from evfsam_lightning.data.stream import SkipLog, decode, iter_shard
+    from evfsam_lightning.training.loading import load_for_inference
+    from evfsam_lightning.training.metrics import ReferringIoU
+
+    model, tokenizer = load_for_inference(checkpoint)
+    metric = ReferringIoU(["val"])
+    for url in sorted(folder.glob("*.tar")):
+        for raw in iter_shard(str(url), SkipLog(strict=True)):
+            sample, image = decode(raw)
+            logits = model.predict(image, [o.expressions[0] for o in sample.objects], tokenizer)
+            target = torch.from_numpy(np.stack([o.mask for o in sample.objects]))
+            metric.update(logits, target, torch.zeros(len(sample.objects), dtype=torch.long))
+    return metric.compute()["all"]
+
+
+@pytest.mark.slow
+def test_presence_head_learns_no_target_where_empty_masks_do_not(tmp_path, synthetic_dir):
+    import yaml
+
+    from tests.training.conftest import QUICKSTART, run_training, small_run
+
+    val = tmp_path / "val_gres"
+    _val_split_with_negatives(val)
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["data"]["val"] = [{"name": "synthetic_gres", "urls": [str(val)]}]
+    path = tmp_path / "gres.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    results = {}
+    for head in (False, True):
+        name = f"head_{str(head).lower()}"
+        run_training(tmp_path, *small_run(synthetic_dir, f"model.presence_head={str(head).lower()}",
+                                          "data.negatives_per_image=1", "data.max_expressions_per_image=2",
+                                          f"trainer.max_steps={STEPS}", "optim.warmup_steps=30",
+                                          "checkpoint.every_n_steps=0", f"name={name}", "logging.tensorboard=false"),
+                     recipe=path, timeout=1800)
+        results[head] = _evaluate(tmp_path / "runs" / name, val)
+    for head, r in results.items():
+        print(f"presence_head={head}: gIoU {r['giou']:.3f} cIoU {r['ciou']:.3f} N-acc {r['n_acc']:.3f} "
+              f"T-acc {r['t_acc']:.3f} ({r['expressions']} expressions, {r['no_target']} no-target)")
+    with_head, without = results[True], results[False]
+    assert 0.25 <= with_head["no_target"] / with_head["expressions"] <= 0.45
+    assert with_head["n_acc"] >= 0.9 and with_head["t_acc"] >= 0.9
+    assert with_head["giou"] > without["giou"]
