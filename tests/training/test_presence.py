@@ -16,6 +16,7 @@ from evfsam_lightning.models import checkpoints as ck
 from evfsam_lightning.models.builders import build_model
 from evfsam_lightning.models.evfsam import NO_TARGET_LOGIT
 from tests.conftest import FIXTURES
+from tests.data.conftest import tokenizer_dir  # noqa: F401
 
 SYNTHETIC_VOCABULARY = Vocabulary(tuple(VOCABULARY["names"]), VOCABULARY["template"])
 
@@ -203,3 +204,29 @@ def test_presence_head_learns_no_target_where_empty_masks_do_not(tmp_path, synth
     assert 0.25 <= with_head["no_target"] / with_head["expressions"] <= 0.45
     assert with_head["n_acc"] >= 0.9 and with_head["t_acc"] >= 0.9
     assert with_head["giou"] > without["giou"]
+
+
+def test_resume_with_negatives_replays_the_uninterrupted_stream(tmp_path, tokenizer_dir):  # noqa: F811
+    from evfsam_lightning.data.datamodule import EvfDataModule
+    from evfsam_lightning.data.datamodule import SourceConfig as DataSource
+    from tests.data.conftest import config, consume, write_source
+    from tests.data.test_resume import _checkpoint_round_trip, _view
+
+    write_source(tmp_path, "ade20k", 15, 3)
+    (tmp_path / "ade20k" / "vocabulary.json").write_text(json.dumps(
+        {"template": "[semantic] {}", "names": ["thing", "car", "tree", "sky"]}))
+
+    def module():
+        cfg = config(tokenizer_dir, tmp_path, num_workers=2, negatives_per_image=2, samples_per_epoch=12,
+                     sources=[DataSource("ade20k", str(tmp_path / "ade20k"), 1.0)])
+        return EvfDataModule(cfg, rank=1, world_size=2)
+
+    total, step = 8, 3
+    reference = _view(consume(module(), total))
+    negatives = [e for _, expressions, _ in reference for e in expressions if e.startswith("[semantic] ")]
+    assert negatives and set(negatives) <= {"[semantic] car", "[semantic] tree", "[semantic] sky"}
+    first = module()
+    assert _view(consume(first, step)) == reference[:step]
+    resumed = module()
+    resumed.load_state_dict(_checkpoint_round_trip(first.state_dict()))
+    assert _view(consume(resumed, total - step)) == reference[step:]
