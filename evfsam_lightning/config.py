@@ -82,7 +82,11 @@ class DataConfig:
     val: list[SourceConfig] = doc(help="validation sources (finite, each sample once)", factory=list)
     synthetic: SyntheticConfig | None = doc(None, "generate the synthetic referring dataset if absent")
     num_workers: int = doc(2, "data loader workers per rank")
-    max_expressions_per_image: int = doc(3, "objects (one expression each) drawn per training image")
+    max_expressions_per_image: int = doc(3, "(expression, mask) pairs drawn per training image")
+    expression_sampling: str = doc("sentences", "how a referring training image's expressions are drawn: "
+                                                "sentences (EVF-SAM's way: distinct sentences from all sentences "
+                                                "of all its objects, each with its object's mask) or objects "
+                                                "(distinct objects, one random sentence each)")
     negatives_per_image: int = doc(0, "training: up to this many no-target expressions per image, naming categories "
                                       "of the source's vocabulary.json absent from the image (0: off)")
     max_text_length: int = doc(64, "tokens per expression, </s> included")
@@ -187,6 +191,7 @@ class RunConfig:
 _CHOICES = {
     "model.mode": ("frozen_image_encoder", "full"),
     "data.mixing": ("sample", "batch"),
+    "data.expression_sampling": ("sentences", "objects"),
     "data.sam_resize": ("auto", "worker", "device"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "strategy.name": ("auto", "ddp", "deepspeed", "fsdp"),

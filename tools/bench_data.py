@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from evfsam_lightning.data import transforms
-from evfsam_lightning.data.batching import Preprocessing, collate, pick_objects
+from evfsam_lightning.data.batching import Preprocessing, collate, pick_expressions
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
 from evfsam_lightning.data.mixing import sample_rng
 from evfsam_lightning.data.schema import Sample, SampleObject, encode_sample
@@ -101,13 +101,14 @@ class FolderDataset(Dataset):
                 objects.append(SampleObject(o["expressions"], np.asarray(m)))
         sample = Sample(key=key, source=rec["source"], task=rec["task"], image_bytes=b"", image_ext="jpg",
                         objects=objects, height=image.shape[0], width=image.shape[1])
-        picks = pick_objects(sample, sample_rng(0, 0, i, 0), self.k)
+        picks = pick_expressions(sample, sample_rng(0, 0, i, 0), self.k, "sentences")
         preprocess = transforms.sam_preprocess if self.prep.sam_variant == "sam" else transforms.sam2_preprocess
         sam, resize_hw = preprocess(image, self.prep.sam_image_size)
         return {"sam": sam, "image_features": None, "resize_hw": resize_hw,
                 "beit": transforms.beit3_preprocess(image, self.prep.beit_image_size),
                 "original_hw": image.shape[:2], "masks": torch.from_numpy(np.stack([objects[j].mask for j, _ in picks])),
-                "expressions": [objects[j].expressions[e] for j, e in picks], "key": key, "source": sample.source,
+                "expressions": [objects[j].expressions[e] for j, e in picks], "object_index": [j for j, _ in picks],
+                "key": key, "source": sample.source,
                 "task": sample.task}
 
 

@@ -25,8 +25,10 @@ The batch dict (B images, N = sum of n_i expressions) as the model receives it:
     input_ids          long (N, L)             right-padded with 1
     attention_mask     bool (N, L)             input_ids != 1
     image_index        long (N,)               image of each expression, nondecreasing
+    object_index       long (N,)               object (within its image's record) of each expression
     offsets            long (B + 1,)           [0, n0, n0 + n1, ...]
-    masks              list of B uint8 (n_i, H_i, W_i), 0/1/255 (255 = ignore)
+    masks              list of B uint8 (n_i, H_i, W_i), 0/1/255 (255 = ignore), one per expression
+                       (an object's mask repeats when several of its expressions are drawn)
     keys, sources, tasks   list[str] (B)
     expressions        list[str] (N)
     data_stats         dict[str, int]: "images" (B), "skipped" (samples skipped while producing this
@@ -61,6 +63,8 @@ from .transforms import beit3_preprocess, normalise_sam_pixels, sam_input_hw, sa
 
 SAM_VARIANTS = ("sam", "sam2")
 SAM_RESIZE_PLACES = ("worker", "device")
+#: How training draws a referring image's expressions (`pick_expressions`).
+EXPRESSION_SAMPLING = ("sentences", "objects")
 #: A source whose reader fails this many samples in a row is broken, not unlucky.
 MAX_CONSECUTIVE_SKIPS = 1000
 
@@ -139,17 +143,42 @@ def add_negatives(sample: Sample, picks: list[tuple[int, int]], vocabulary: Voca
     return sample, [*picks, *((n + j, 0) for j in range(len(extra)))]
 
 
-def all_objects(sample: Sample) -> list[tuple[int, int]]:
-    """Every object with its first expression (evaluation counts per expression)."""
-    return [(i, 0) for i in range(len(sample.objects))]
+def pick_sentences(sample: Sample, rng: np.random.Generator, k: int) -> list[tuple[int, int]]:
+    """EVF-SAM's referring draw: k distinct sentences from all sentences of all objects of the
+    image (without replacement, in draw order), each paired with its own object's mask; an image
+    with fewer than k sentences gives all of them, in order. Objects may repeat."""
+    pairs = all_expressions(sample)
+    if len(pairs) < k:
+        return pairs
+    return [pairs[int(i)] for i in rng.choice(len(pairs), size=k, replace=False)]
+
+
+def pick_expressions(sample: Sample, rng: np.random.Generator, k: int, sampling: str) -> list[tuple[int, int]]:
+    """A training image's (object, expression) pairs: `pick_sentences` for referring samples when
+    `sampling` is "sentences", `pick_objects` otherwise (and for every other task)."""
+    if sampling == "sentences" and sample.task == "referring":
+        return pick_sentences(sample, rng, k)
+    return pick_objects(sample, rng, k)
+
+
+def all_expressions(sample: Sample) -> list[tuple[int, int]]:
+    """Every expression of every object, in order (evaluation scores each one)."""
+    return [(i, j) for i, obj in enumerate(sample.objects) for j in range(len(obj.expressions))]
+
+
+def eval_text(text: str, task: str) -> str:
+    """An expression as the reference's evaluation reads it: referring sentences `strip().lower()`-ed
+    (EVF-SAM's ValDataset), other tasks' texts (`[semantic] wall`, category names) as written."""
+    return text.strip().lower() if task == "referring" else text
 
 
 def make_example(sample: Sample, image: np.ndarray, picks: Sequence[tuple[int, int]],
                  prep: Preprocessing, source: str,
-                 image_features: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                 image_features: dict[str, torch.Tensor] | None = None, evaluation: bool = False) -> dict[str, Any]:
     """One image's preprocessed inputs and the chosen (mask, expression) pairs. `source` is the
     configured source name (what logs and per-source metrics use), not the record's. With
-    `image_features` (from an embedding cache) the SAM image is not prepared at all."""
+    `image_features` (from an embedding cache) the SAM image is not prepared at all. `evaluation`
+    applies the reference's evaluation text rule (`eval_text`)."""
     if image_features is None and not prep.resize_on_device:
         sam, resize_hw = sam_input_uint8(image, prep.sam_variant, prep.sam_image_size)
     else:  # cached features (no SAM image), or the decoded image, resized in finish_batch
@@ -161,7 +190,9 @@ def make_example(sample: Sample, image: np.ndarray, picks: Sequence[tuple[int, i
         "sam": sam, "image_features": image_features, "beit": beit3_preprocess(image, prep.beit_image_size),
         "resize_hw": resize_hw,
         "original_hw": (sample.height, sample.width), "masks": torch.from_numpy(masks),
-        "expressions": [sample.objects[i].expressions[j] for i, j in picks],
+        "expressions": [eval_text(sample.objects[i].expressions[j], sample.task) if evaluation
+                        else sample.objects[i].expressions[j] for i, j in picks],
+        "object_index": [i for i, _ in picks],
         "key": sample.key, "source": source, "task": sample.task,
     }
 
@@ -193,6 +224,7 @@ def collate(examples: Sequence[dict[str, Any]], prep: Preprocessing) -> dict[str
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "image_index": torch.repeat_interleave(torch.arange(b), torch.tensor(counts, dtype=torch.long)),
+        "object_index": torch.tensor([o for ex in examples for o in ex["object_index"]], dtype=torch.long),
         "offsets": torch.tensor([0, *np.cumsum(counts, dtype=np.int64).tolist()], dtype=torch.long),
         "masks": [ex["masks"] for ex in examples],
         "keys": [ex["key"] for ex in examples],
@@ -261,7 +293,7 @@ class TrainStream(IterableDataset):
 
     Batch g (counting across epochs) is produced by logical worker g mod W from readers number
     rank x W + (g mod W) of world_size x W; its sources come from `Mixer.sources(rank, g)`, its
-    objects and expressions from `sample_rng(seed, rank, g, slot)`. A torch DataLoader takes batches
+    expressions from `sample_rng(seed, rank, g, slot)` (`pick_expressions` with `expression_sampling`). A torch DataLoader takes batches
     from its workers round-robin, so physical worker p, starting at batch g0, plays logical worker
     (g0 + p) mod W: the stream continues exactly from `position` whatever batch it stopped at.
     A skipped sample is replaced by the next sample of the same source."""
@@ -270,7 +302,9 @@ class TrainStream(IterableDataset):
                  world_size: int, num_workers: int, seed: int, mixing: str, batches_per_epoch: int,
                  max_expressions_per_image: int, buffer_size: int, block_shards: int, strict: bool,
                  position: StreamPosition, embedding_cache: EmbeddingCache | None = None,
-                 negatives_per_image: int = 0):
+                 expression_sampling: str = "sentences", negatives_per_image: int = 0):
+        if expression_sampling not in EXPRESSION_SAMPLING:
+            raise ValueError(f"expression_sampling {expression_sampling!r} not in {EXPRESSION_SAMPLING}")
         if batches_per_epoch < 1 or batch_size < 1:
             raise ValueError(f"batches_per_epoch and batch_size must be >= 1, got {batches_per_epoch}, {batch_size}")
         self.sources = list(sources)
@@ -282,6 +316,7 @@ class TrainStream(IterableDataset):
         self.buffer_size, self.block_shards, self.strict = buffer_size, block_shards, strict
         self.position = position
         self.embedding_cache = embedding_cache
+        self.expression_sampling = expression_sampling
         self.negatives = negatives_per_image
 
     def __len__(self) -> int:
@@ -339,7 +374,7 @@ class TrainStream(IterableDataset):
             features = None
             if self.embedding_cache is not None:
                 features = self.embedding_cache.features(reader.name, raw["__url__"], sample.key)
-            picks = pick_objects(sample, rng, self.k)
+            picks = pick_expressions(sample, rng, self.k, self.expression_sampling)
             if self.negatives:
                 sample, picks = add_negatives(sample, picks, vocabulary, self.negatives, rng)
             return make_example(sample, image, picks, self.prep, reader.name, features)
@@ -365,8 +400,10 @@ def eval_batch_ranges(total: int, world_size: int, batch_size: int) -> list[list
 
 
 class EvalStream(IterableDataset):
-    """The finite, unshuffled stream of one eval source for one rank: every object of every image
-    with its first expression; each sample lands on exactly one rank (see `eval_batch_ranges`)."""
+    """The finite, unshuffled stream of one eval source for one rank: every expression of every
+    object of every image (the reference's protocol: every sentence of every ref, referring text
+    `strip().lower()`-ed, see `eval_text`), the image prepared once for all of them; each sample
+    lands on exactly one rank (see `eval_batch_ranges`)."""
 
     def __init__(self, name: str, urls: Sequence[str], sizes: Sequence[int], *, prep: Preprocessing,
                  batch_size: int, rank: int, world_size: int, strict: bool, unreadable_shards: int = 0):
@@ -423,7 +460,8 @@ class EvalStream(IterableDataset):
             except SampleError as e:
                 skips.skip(e.reason, str(e))
                 continue
-            examples.append(make_example(sample, image, all_objects(sample), self.prep, self.name))
+            examples.append(make_example(sample, image, all_expressions(sample), self.prep, self.name,
+                                         evaluation=True))
         batch = collate(examples, self.prep)
         batch["data_stats"] = stats(len(examples), skips.take())
         return batch

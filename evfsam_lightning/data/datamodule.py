@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from .batching import (
+    EXPRESSION_SAMPLING,
     SAM_RESIZE_PLACES,
     SAM_VARIANTS,
     VOCABULARY_FILE,
@@ -108,7 +109,11 @@ class DataConfig:
     num_workers: int = 4
     """DataLoader workers per rank. The training stream depends on it (resume needs the same)."""
     max_expressions_per_image: int = 3
-    """Training: up to this many objects per image, one expression each."""
+    """Training: up to this many (expression, mask) pairs per image (see `expression_sampling`)."""
+    expression_sampling: str = "sentences"
+    """How training draws a referring image's expressions: "sentences" (EVF-SAM's way: distinct
+    sentences drawn from all sentences of all the image's objects, each with its object's mask) or
+    "objects" (distinct objects, one random sentence each). Other tasks always draw objects."""
     negatives_per_image: int = 0
     """Training: up to this many no-target expressions per image from the source's vocabulary.json
     (categories absent from the image); sources without one get none (warned)."""
@@ -131,7 +136,7 @@ class DataConfig:
     shuffle_shards: int = 1
     """Consecutive shards shuffled together; resuming re-reads up to this many per source and worker."""
     val_sources: list[SourceConfig] = field(default_factory=list)
-    """Validation sources: finite, unshuffled, every object with its first expression."""
+    """Validation sources: finite, unshuffled, every expression of every object."""
     test_sources: list[SourceConfig] = field(default_factory=list)
     """Test sources, like `val_sources`."""
     eval_batch_size: int | None = None
@@ -158,6 +163,8 @@ class DataConfig:
             raise ValueError(f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ValueError(f"data.samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
+        if self.expression_sampling not in EXPRESSION_SAMPLING:
+            raise ValueError(f"data.expression_sampling {self.expression_sampling!r} not in {EXPRESSION_SAMPLING}")
         if self.mixing not in MIXING_MODES:
             raise ValueError(f"data.mixing {self.mixing!r} not in {MIXING_MODES}")
         if self.sam_variant not in SAM_VARIANTS:
@@ -318,6 +325,7 @@ class EvfDataModule(L.LightningDataModule):
                            max_expressions_per_image=cfg.max_expressions_per_image,
                            buffer_size=cfg.shuffle_buffer, block_shards=cfg.shuffle_shards, strict=cfg.strict,
                            position=self.position, embedding_cache=self._embedding_cache,
+                           expression_sampling=cfg.expression_sampling,
                            negatives_per_image=cfg.negatives_per_image)
 
     def train_dataloader(self) -> DataLoader:

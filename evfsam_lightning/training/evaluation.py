@@ -1,4 +1,7 @@
-"""Evaluation of any checkpoint on shard splits: gIoU and cIoU per split, on one or more ranks.
+"""Evaluation of any checkpoint on shard splits: gIoU and cIoU per split (plus N-acc and T-acc
+where a split holds no-target expressions), on one or more ranks. Every expression of every object
+is scored (the reference's protocol, see `batching.EvalStream`); an image is encoded once for all
+of its expressions.
 
 Each image is processed on its own with its expressions' padding trimmed, so the numbers do not
 depend on how images are grouped into batches or ranks (1 and 2 ranks give identical results).
@@ -13,14 +16,25 @@ from evfsam_lightning.training.metrics import ReferringIoU
 
 
 def shuffle_expressions_within_images(batch: dict) -> dict:
-    """Give every object of an image the expression of the next object (a cyclic shift): the
-    text-blind control. Images with one expression keep it."""
+    """The text-blind control: every expression is replaced by one of the image's next object
+    (cyclically over the image's objects; an object's k-th expression takes the next object's
+    (k mod m)-th of m). Images with one object keep their expressions."""
     ids, mask, offsets = batch["input_ids"], batch["attention_mask"], batch["offsets"].tolist()
-    order = torch.arange(ids.shape[0])
+    objects = batch["object_index"].tolist()
+    order = list(range(ids.shape[0]))
     for start, end in zip(offsets[:-1], offsets[1:], strict=True):
-        if end - start > 1:
-            order[start:end] = torch.roll(order[start:end], 1)
-    return {**batch, "input_ids": ids[order], "attention_mask": mask[order]}
+        by_object: dict[int, list[int]] = {}
+        for p in range(start, end):
+            by_object.setdefault(objects[p], []).append(p)
+        groups = list(by_object.values())
+        if len(groups) < 2:
+            continue
+        for g, positions in enumerate(groups):
+            donor = groups[(g + 1) % len(groups)]
+            for k, p in enumerate(positions):
+                order[p] = donor[k % len(donor)]
+    index = torch.tensor(order, dtype=torch.long, device=ids.device)
+    return {**batch, "input_ids": ids[index], "attention_mask": mask[index]}
 
 
 def single_image_batch(batch: dict, i: int) -> dict:

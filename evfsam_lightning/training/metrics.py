@@ -1,7 +1,18 @@
-"""Referring-segmentation metrics as torchmetrics Metrics (SPEC section 5).
+"""Referring-segmentation metrics as torchmetrics Metrics (SPEC section 5, GRES for no-target).
 
 Per expression, I and U of the prediction (logits > 0) against the ground truth, ignoring pixels
 marked 255. gIoU = mean over expressions of I/U (an empty union counts 1.0); cIoU = sum(I) / sum(U).
+
+Generalized referring (gRefCOCO; the GRES/ReLA protocol): a *no-target* expression is one whose
+ground truth has no object pixel (the converters write gRefCOCO's no-target refs as all-zero masks).
+EVF-SAM has no separate no-target head, so "predicted no target" means an empty prediction (no
+pixel with logits > 0 outside the ignored ones). The formulas above already are GRES's gIoU and cIoU:
+a no-target expression scores 1 when the prediction is empty (empty union) and 0 otherwise
+(I = 0, U = the predicted area, which also enters cIoU's denominator). On top of them:
+N-acc = no-target expressions predicted empty / no-target expressions, and
+T-acc = target expressions predicted non-empty / target expressions. They are reported (keys
+"no_target", "n_acc", "t_acc") for every split that holds no-target expressions.
+
 States are sums, so they add up exactly across ranks. One metric tracks several sources at once
 (fixed source ids), which keeps the state shapes equal on every rank.
 """
@@ -14,20 +25,22 @@ import torch
 from torchmetrics import Metric
 
 IGNORE_VALUE = 255
+_STATES = ("intersection", "union", "iou_sum", "count", "no_target", "no_target_empty", "target_found")
 
 
-def intersection_union(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per mask I and U for (n, H, W) logits and (n, H, W) targets in {0, 1, 255}."""
+def mask_areas(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per mask, over the non-ignored pixels of (n, H, W) logits and (n, H, W) targets in
+    {0, 1, 255}: "intersection", "union", "predicted" and "target" pixel counts (float64)."""
     valid = target != IGNORE_VALUE
     pred = (logits > 0) & valid
     gt = (target == 1) & valid
-    inter = (pred & gt).flatten(1).sum(1)
-    union = (pred | gt).flatten(1).sum(1)
-    return inter.double(), union.double()
+    return {"intersection": (pred & gt).flatten(1).sum(1).double(), "union": (pred | gt).flatten(1).sum(1).double(),
+            "predicted": pred.flatten(1).sum(1).double(), "target": gt.flatten(1).sum(1).double()}
 
 
 class ReferringIoU(Metric):
-    """gIoU and cIoU per source. `update(logits, target, source_ids)` with one source id per mask."""
+    """gIoU and cIoU per source, plus N-acc and T-acc where a source has no-target expressions.
+    `update(logits, target, source_ids)` with one source id per mask."""
 
     full_state_update = False
 
@@ -35,33 +48,47 @@ class ReferringIoU(Metric):
         super().__init__(**kwargs)
         self.sources = list(sources)
         n = len(self.sources)
-        for name in ("intersection", "union", "iou_sum", "count"):
+        for name in _STATES:
             self.add_state(name, default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, source_ids: torch.Tensor) -> None:
-        inter, union = intersection_union(logits, target.to(logits.device))
-        iou = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+        a = mask_areas(logits, target.to(logits.device))
+        inter, union = a["intersection"], a["union"]
+        no_target = a["target"] == 0
+        predicted = a["predicted"] > 0
+        values = {
+            "intersection": inter, "union": union,
+            "iou_sum": torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)),
+            "count": torch.ones_like(inter),
+            "no_target": no_target.double(),
+            "no_target_empty": (no_target & ~predicted).double(),
+            "target_found": (~no_target & predicted).double(),
+        }
         ids = source_ids.to(self.intersection.device)
-        # Strategies may cast the states (DeepSpeed makes them float32): follow the state dtype.
-        inter, union, iou = (t.to(self.intersection) for t in (inter, union, iou))
-        self.intersection.index_add_(0, ids, inter)
-        self.union.index_add_(0, ids, union)
-        self.iou_sum.index_add_(0, ids, iou)
-        self.count.index_add_(0, ids, torch.ones_like(iou))
+        for name, value in values.items():
+            state = getattr(self, name)
+            # Strategies may cast the states (DeepSpeed makes them float32): follow the state dtype.
+            state.index_add_(0, ids, value.to(state))
 
-    def compute(self) -> dict[str, float]:
-        """{source: {"giou", "ciou", "expressions"}} plus "all" over every source."""
-        out = {}
-        for i, name in enumerate(self.sources):
-            out[name] = _summary(self.intersection[i], self.union[i], self.iou_sum[i], self.count[i])
-        out["all"] = _summary(self.intersection.sum(), self.union.sum(), self.iou_sum.sum(), self.count.sum())
+    def compute(self) -> dict[str, dict[str, float]]:
+        """{source: {"giou", "ciou", "expressions"[, "no_target", "n_acc", "t_acc"]}} plus "all"
+        over every source."""
+        out = {name: _summary({s: getattr(self, s)[i] for s in _STATES}) for i, name in enumerate(self.sources)}
+        out["all"] = _summary({s: getattr(self, s).sum() for s in _STATES})
         return out
 
 
-def _summary(inter, union, iou_sum, count) -> dict[str, float]:
-    n = float(count)
-    return {
-        "giou": float(iou_sum / count) if n else float("nan"),
-        "ciou": float(inter / union) if float(union) > 0 else (1.0 if n else float("nan")),
+def _summary(s: dict[str, torch.Tensor]) -> dict[str, float]:
+    n = float(s["count"])
+    out = {
+        "giou": float(s["iou_sum"] / s["count"]) if n else float("nan"),
+        "ciou": float(s["intersection"] / s["union"]) if float(s["union"]) > 0 else (1.0 if n else float("nan")),
         "expressions": int(n),
     }
+    no_target = float(s["no_target"])
+    if no_target:
+        targets = n - no_target
+        out["no_target"] = int(no_target)
+        out["n_acc"] = float(s["no_target_empty"]) / no_target
+        out["t_acc"] = float(s["target_found"]) / targets if targets else float("nan")
+    return out

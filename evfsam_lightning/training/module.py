@@ -282,6 +282,10 @@ class EvfSamModule(L.LightningModule):
             # Already summed over ranks by the metric; sync_dist only averages equal values.
             self.log(f"{prefix}/giou", r["giou"], sync_dist=True, prog_bar=source == "all")
             self.log(f"{prefix}/ciou", r["ciou"], sync_dist=True)
+            if r.get("no_target"):  # generalized referring (gRefCOCO): the GRES accuracies too
+                self.log(f"{prefix}/n_acc", r["n_acc"], sync_dist=True)
+                if r["t_acc"] == r["t_acc"]:  # NaN when the split holds no target expression
+                    self.log(f"{prefix}/t_acc", r["t_acc"], sync_dist=True)
         self._log_images()
 
     def _collect_images(self, batch: dict, logits: list[torch.Tensor]) -> None:

@@ -56,8 +56,25 @@ def test_every_val_sample_exactly_once_across_two_ranks(val_split, tokenizer_dir
         assert [k for r in (0, 1) for b in per_rank[r][idx] for k in b["keys"]] == in_order
         for batch in (b for r in (0, 1) for b in per_rank[r][idx]):
             assert 1 <= len(batch["keys"]) <= 2
-            for i, key in enumerate(batch["keys"]):  # every object, first expression, in order
+            for i, key in enumerate(batch["keys"]):  # every expression of every object, in order
                 objects = samples[key].objects
+                pairs = [(j, e) for j, o in enumerate(objects) for e in o.expressions]
                 lo, hi = batch["offsets"][i], batch["offsets"][i + 1]
-                assert batch["expressions"][lo:hi] == [o.expressions[0] for o in objects]
-                assert torch.equal(batch["masks"][i], torch.from_numpy(np.stack([o.mask for o in objects])))
+                assert batch["expressions"][lo:hi] == [e for _, e in pairs]
+                assert batch["object_index"][lo:hi].tolist() == [j for j, _ in pairs]
+                assert torch.equal(batch["masks"][i], torch.from_numpy(np.stack([objects[j].mask for j, _ in pairs])))
+
+
+def test_eval_text_is_normalised_as_the_reference_only_for_referring(tmp_path, tokenizer_dir):
+    from evfsam_lightning.data.schema import encode_sample
+    from tests.data.conftest import make_sample, write_shard
+
+    referring, semantic = make_sample("r_00000", "refcoco"), make_sample("s_00000", "ade20k")
+    referring.objects[0].expressions = ["  The Man On The LEFT ", "woman"]
+    semantic.objects[0].expressions = ["[semantic] Wall"]
+    write_shard(tmp_path / "val.tar", [encode_sample(referring), encode_sample(semantic)])
+    cfg = DataConfig(tokenizer=tokenizer_dir, batch_size=2, num_workers=0, sam_image_size=32, beit_image_size=16,
+                     val_sources=[SourceConfig("val", str(tmp_path / "val.tar"))])
+    (batch,) = list(EvfDataModule(cfg, rank=0, world_size=1).val_dataloader())
+    assert batch["expressions"][:2] == ["the man on the left", "woman"]
+    assert batch["expressions"][batch["offsets"][1]] == "[semantic] Wall"

@@ -49,9 +49,11 @@ def test_pipe_urls_read_the_same_samples_as_paths(three_sources):
            [{k: v for k, v in s.items() if k != "__url__"} for s in local]
 
 
-def test_batch_dict_matches_the_exact_preprocessing(three_sources, tokenizer_dir):
+@pytest.mark.parametrize("sampling", ["sentences", "objects"])
+def test_batch_dict_matches_the_exact_preprocessing(three_sources, tokenizer_dir, sampling):
     root, samples = three_sources
-    dm = EvfDataModule(config(tokenizer_dir, root, batch_size=3, max_expressions_per_image=2))
+    dm = EvfDataModule(config(tokenizer_dir, root, batch_size=3, max_expressions_per_image=2,
+                              expression_sampling=sampling))
     for batch in consume(dm, 6):
         b, n = len(batch["keys"]), len(batch["expressions"])
         assert b == 3 and "_stream" not in batch
@@ -76,9 +78,14 @@ def test_batch_dict_matches_the_exact_preprocessing(three_sources, tokenizer_dir
             exprs = batch["expressions"][batch["offsets"][i]:batch["offsets"][i + 1]]
             masks = batch["masks"][i]
             assert masks.dtype == torch.uint8 and masks.shape == (len(exprs), sample.height, sample.width)
-            assert len(exprs) == min(2, len(sample.objects))
-            chosen = [next(j for j, o in enumerate(sample.objects) if e in o.expressions) for e in exprs]
-            assert chosen == sorted(set(chosen))  # distinct objects, in object order
+            chosen = batch["object_index"][batch["offsets"][i]:batch["offsets"][i + 1]].tolist()
+            assert all(e in sample.objects[j].expressions for e, j in zip(exprs, chosen, strict=True))
+            if sampling == "sentences" and sample.task == "referring":  # distinct sentences of any objects
+                assert len(exprs) == min(2, sum(len(o.expressions) for o in sample.objects))
+                assert len(set(zip(chosen, exprs, strict=True))) == len(exprs)
+            else:
+                assert len(exprs) == min(2, len(sample.objects))
+                assert chosen == sorted(set(chosen))  # distinct objects, in object order
             for m, j in zip(masks, chosen, strict=True):
                 assert np.array_equal(m.numpy(), sample.objects[j].mask)
 
