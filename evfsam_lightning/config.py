@@ -155,9 +155,19 @@ class CheckpointConfig:
     early_stopping_patience: int = doc(0, "stop after this many validations without a better val/ciou (0: off)")
 
 
+#: logging.loggers -> (module that must import, the pip extra that installs it)
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", None), "csv": (None, None), "mlflow": ("mlflow", "mlflow"),
+                   "wandb": ("wandb", "wandb")}
+
+
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = doc(True, "write TensorBoard logs in the run directory")
+    loggers: list[str] = doc(help="any of tensorboard (<run dir>/tensorboard), csv (<run dir>/csv/version_<n>/metrics.csv, one per start), "
+                                  "mlflow (<run dir>/mlruns unless MLFLOW_TRACKING_URI is set), wandb (honours "
+                                  "WANDB_MODE; offline runs under <run dir>/wandb); a resumed run continues the same "
+                                  "MLflow run and W&B run id", factory=lambda: ["tensorboard"])
+    project: str = doc("evfsam", "MLflow experiment and W&B project name (the run is named after `name`)")
+    tensorboard: bool = doc(True, "false: leave tensorboard out of logging.loggers (older recipes' switch)")
     val_images: int = doc(8, "validation samples drawn as images (image, truth, prediction, text)")
     progress_bar: bool = doc(True, "console progress bar")
 
@@ -333,8 +343,25 @@ def validate(cfg: RunConfig) -> RunConfig:
             if encoder.startswith(prefix) or prefix.startswith(encoder):
                 raise ConfigError(f"data.embedding_cache needs a frozen SAM image encoder: model.unfreeze "
                                   f"entry {prefix!r} trains it")
+    _validate_loggers(cfg.logging)
     _check_run_paths(cfg)
     return cfg
+
+
+def _validate_loggers(logging: LoggingConfig) -> None:
+    import importlib.util
+
+    unknown = [name for name in logging.loggers if name not in LOGGER_PACKAGES]
+    if unknown:
+        raise ConfigError(f"logging.loggers: unknown logger {unknown[0]!r} (allowed: {', '.join(LOGGER_PACKAGES)})")
+    if len(set(logging.loggers)) != len(logging.loggers):
+        raise ConfigError(f"logging.loggers={logging.loggers} names a logger twice")
+    for name in logging.loggers:
+        module, extra = LOGGER_PACKAGES[name]
+        if module and importlib.util.find_spec(module) is None:
+            install = f'pip install "evfsam-lightning[{extra}]"' if extra else f"pip install {module}"
+            raise ConfigError(f"logging.loggers: {name} needs the {module} package, which is not installed "
+                              f"({install})")
 
 
 def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -159,7 +159,12 @@ def existing_path(path: str | os.PathLike, what: str) -> Path:
 def checkpoint_input(path: str | os.PathLike, what: str = "--checkpoint") -> Path:
     """A checkpoint given on the command line, checked without loading it: an official EVF-SAM
     folder, a run directory, a DeepSpeed/FSDP directory, or a PyTorch (zip) file. A truncated or
-    non-checkpoint file is refused here; the content is checked (safely) when it is loaded."""
+    non-checkpoint file is refused here; the content is checked (safely) when it is loaded. A Hub id
+    (`org/name[@revision]`, no local path of that name) passes: it is resolved when loaded."""
+    from evfsam_lightning.hub import parse_hub_id  # omegaconf only: cheap
+
+    if not Path(path).exists() and parse_hub_id(str(path)):
+        return Path(path)
     p = existing_path(path, what)
     if p.is_dir():
         if (p / "config.json").is_file() or (p / "checkpoints").is_dir() or (p / "latest").is_file() \

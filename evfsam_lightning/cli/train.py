@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(to_yaml(cfg))
         return 0
+    from evfsam_lightning.training.preflight import preflight
+
+    # Every file the run needs, before Lightning is imported or the model built (train() checks again);
+    # before the device check too, so that a recipe's missing files show on any machine.
+    preflight(cfg)
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         import torch
 

@@ -125,12 +125,14 @@ def _prefixes(allow: Iterable[str]) -> tuple[str, ...]:
 
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
-              allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = ()) -> KeyReport:
+              allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
+              assign: bool = False) -> KeyReport:
     """Copy `state` (our key names) into `model`, casting each tensor to the parameter's dtype.
 
     Missing keys are an error unless they fall in one of the `allow_missing` subsets (see SUBSETS);
     unexpected keys are an error unless they start with one of the `allow_unexpected` prefixes;
-    a wrongly shaped key is always an error. Nothing is copied when the check fails."""
+    a wrongly shaped key is always an error. Nothing is copied when the check fails. With `assign`
+    (a model built on the meta device) the tensors of `state` become the parameters: no second copy."""
     own = model.state_dict()
     report = KeyReport()
     missing_ok = _prefixes(allow_missing)
@@ -141,6 +143,11 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
                          if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if report.missing or report.unexpected or report.mismatched:
         raise CheckpointError(f"{source} does not fit the model: {report.summary()}")
+    if assign:
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=False,
+                              assign=True)
+        report.loaded = sum(k in own for k in state)
+        return report
     with torch.no_grad():
         for k, v in state.items():
             if k in own:
@@ -264,13 +271,54 @@ def load_reference_folder(folder: str | os.PathLike, device: str | torch.device 
         from evfsam_lightning.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
-    has_presence = (folder / PRESENCE_FILE).is_file()
+    # Built on the meta device, the model takes the file's tensors as its own (load_into's assign):
+    # one copy of the weights in memory, not an initialised model plus the file's tensors.
+    has_presence = (folder / PRESENCE_FILE).is_file()  # ours only (the presence head), see export_reference
     model = build_model(cfg, device="meta", presence_head=has_presence)
-    model.to_empty(device=device)
-    load_reference_weights(model, weights, allow_missing=("presence",))
+    load_reference_weights(model, weights, assign=True, allow_missing=("presence",) if has_presence else ())
     if has_presence:
+        model.presence_head.to_empty(device="cpu")
         load_presence_head(model, folder / PRESENCE_FILE)
-    return model, tokenizer
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{folder}: the weights leave {len(left)} tensors unset: {', '.join(left[:10])}")
+    return model.to(device), tokenizer
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+#: XLM-R's special tokens, as `transformers` names them in a tokenizer config.
+_SPECIAL_TOKENS = {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+                   "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
+
+
+def write_tokenizer_config(folder: str | os.PathLike) -> None:
+    """Give a tokenizer folder the `tokenizer_config.json` (naming `XLMRobertaTokenizer`) and
+    `special_tokens_map.json` that `AutoTokenizer.from_pretrained(folder)` needs: without them it
+    reads `config.json`, whose model type `evf` it does not know. Added tokens (`[semantic]`, from
+    `added_tokens.json`) are declared special with their ids. A config that names its class is kept."""
+    folder = Path(folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("tokenizer_class"):
+        return
+    added_file = folder / "added_tokens.json"
+    added = json.loads(added_file.read_text()) if added_file.is_file() else {}
+    config.update({"tokenizer_class": "XLMRobertaTokenizer", "padding_side": "right", **_SPECIAL_TOKENS})
+    if added:
+        config["added_tokens_decoder"] = {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                     "special": True} for t, i in sorted(added.items(), key=lambda item: item[1])}
+    special = dict(_SPECIAL_TOKENS)
+    if added:
+        special["additional_special_tokens"] = sorted(added, key=added.get)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    if not (folder / "special_tokens_map.json").is_file():
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
 def save_presence_head(model: nn.Module, path: str | os.PathLike) -> None:
@@ -309,10 +357,12 @@ def official_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-                     dtype: torch.dtype | None = None, extra_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+                     dtype: torch.dtype | None = None, extra_state: Mapping[str, torch.Tensor] | None = None,
+                     extra_files: Mapping[str, str] | None = None) -> Path:
     """Write `model` in the official layout: `model.safetensors` under official key names,
-    `config.json` (official fields plus our full dimensions) and the tokenizer files. The folder
-    is assembled under a temporary name and moved into place, so it is complete or absent."""
+    `config.json` (official fields plus our full dimensions) and the tokenizer files, plus the
+    text `extra_files` (name -> content: the model card). The folder is assembled under a temporary
+    name and moved into place, so it is complete or absent; it follows the umask."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -326,6 +376,7 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
     cfg: EvfSamConfig = model.config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = _umask()
     try:
         save_file(state, str(tmp / WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
         config = {
@@ -349,6 +400,13 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
                     shutil.copy2(src, tmp / name)
             if not (tmp / TOKENIZER_FILES[0]).is_file():
                 raise CheckpointError(f"{tokenizer_dir}: no {TOKENIZER_FILES[0]} to export with the model")
+            write_tokenizer_config(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / Path(name).name).write_text(text)
+        # mkdtemp makes the folder private and safetensors its file: like save_pretrained, follow the umask.
+        tmp.chmod(0o777 & ~umask)
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

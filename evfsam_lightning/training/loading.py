@@ -1,6 +1,7 @@
 """Load any checkpoint for inference, evaluation and export, and consolidate sharded ones.
 
-Accepted: an EVF-SAM folder in the official layout (released or exported), a training checkpoint
+Accepted: an EVF-SAM folder in the official layout (released or exported; also as a Hub id
+`org/name[@revision]`), a training checkpoint
 written by `evfsam-train` (`.ckpt`, self-contained: config and tokenizer files travel inside),
 DeepSpeed / FSDP2 checkpoint directories after `consolidate` (or directly: they are consolidated
 into a temporary file first), and a run directory (its best checkpoint by validation cIoU).
@@ -149,9 +150,12 @@ def best_checkpoint(run_dir: str | os.PathLike) -> Path:
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model, tokenizer) from any accepted checkpoint (see the module docstring), or from a run
-    directory (`runs/<name>`: its best checkpoint, see `best_checkpoint`)."""
-    path = Path(path)
+    """(model, tokenizer) from any accepted checkpoint (see the module docstring), from a run
+    directory (`runs/<name>`: its best checkpoint, see `best_checkpoint`), or from a Hugging Face
+    Hub id `org/name[@revision]` of an EVF-SAM folder (`evfsam_lightning.hub.resolve`)."""
+    from evfsam_lightning.hub import resolve
+
+    path = resolve(path, "checkpoint")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.is_dir() and (path / "checkpoints").is_dir():

@@ -260,6 +260,13 @@ class EvfSamModule(L.LightningModule):
 
     # -- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not batch["masks"]:
+            # Every sample of this rank's batch was skipped. The other ranks' forward may need this
+            # rank (sharded weights are gathered collectively), and every rank must log the same
+            # keys: run a placeholder image that weighs nothing in the loss and updates no metric.
+            self.forward_losses(*self._placeholder(batch))
+            self.log("val/loss", torch.zeros((), device=self.device), batch_size=0, sync_dist=True)
+            return
         out, all_logits, losses = self.forward_losses(batch, self.model.encode_images(batch["sam_pixel_values"]))
         self.log("val/loss", losses["loss"], batch_size=len(batch["masks"]), sync_dist=True)
         if out.presence_logits is not None:  # rejected expressions count as empty predictions ("no target")
@@ -271,6 +278,22 @@ class EvfSamModule(L.LightningModule):
             self.val_iou.update(logits, target, torch.full((logits.shape[0],), dataloader_idx, dtype=torch.long))
         if len(self._val_images) < self.cfg.logging.val_images:
             self._collect_images(batch, all_logits)
+
+    def _placeholder(self, batch: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+        """One black image with the empty expression and an all-ignore target, in the layout,
+        dtypes and device of the (empty) `batch`, and its SAM image features."""
+        sam = batch["sam_pixel_values"]
+        size = sam.shape[-1]
+        ids = batch["input_ids"].new_tensor([[0, 2]])  # <s> </s>
+        placeholder = {
+            **batch, "sam_pixel_values": sam.new_zeros((1, *sam.shape[1:])),
+            "beit_pixel_values": batch["beit_pixel_values"].new_zeros((1, *batch["beit_pixel_values"].shape[1:])),
+            "input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
+            "image_index": ids.new_zeros(1), "offsets": ids.new_tensor([0, 1]),
+            "resize_hw": ids.new_tensor([[size, size]]), "original_hw": ids.new_tensor([[size, size]]),
+            "masks": [torch.full((1, size, size), 255, dtype=torch.uint8, device=sam.device)],
+        }
+        return placeholder, self.model.encode_images(placeholder["sam_pixel_values"])
 
     def on_validation_epoch_end(self) -> None:
         results = self.val_iou.compute()
@@ -310,14 +333,26 @@ class EvfSamModule(L.LightningModule):
             })
 
     def _log_images(self) -> None:
+        """The validation panels (image, truth, prediction, text) to every logger that takes images:
+        TensorBoard, W&B, MLflow (as artifacts); the CSV logger has no images."""
         images, self._val_images = self._val_images, []
-        if not images or self.logger is None or not hasattr(self.logger.experiment, "add_image"):
+        if not images or not self.trainer.is_global_zero:
             return
+        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
         from evfsam_lightning.training.visualize import mask_panel
 
-        for i, sample in enumerate(images):
-            self.logger.experiment.add_image(f"val_masks/{i}", mask_panel(**sample), self.global_step,
-                                             dataformats="HWC")
+        panels = [(f"val_masks/{i}", mask_panel(**sample), sample["text"]) for i, sample in enumerate(images)]
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for key, panel, _ in panels:
+                    logger.experiment.add_image(key, panel, self.global_step, dataformats="HWC")
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("val_masks", [p for _, p, _ in panels], step=self.global_step,
+                                 caption=[t for _, _, t in panels])
+            elif isinstance(logger, MLFlowLogger):
+                for key, panel, _ in panels:
+                    logger.experiment.log_image(logger.run_id, panel, key=key.replace("/", "_"), step=self.global_step)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -9,12 +9,13 @@ import logging
 import math
 import os
 import tarfile
+import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from evfsam_lightning.config import ConfigError, RunConfig, to_yaml
 from evfsam_lightning.training.callbacks import (
@@ -26,7 +27,9 @@ from evfsam_lightning.training.callbacks import (
     find_resume_checkpoint,
 )
 from evfsam_lightning.training.peers import PeerTable
-from evfsam_lightning.training.preemption import PreemptionCheckpoint, slurm_plugins
+from evfsam_lightning.training.preemption import PreemptionCheckpoint, preemption_exit_code, slurm_plugins
+from evfsam_lightning.training.preflight import preflight, tokenizer_setting
+from evfsam_lightning.training.signals import EXIT_REQUEUED
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +112,13 @@ def data_config(cfg: RunConfig, model_cfg):
     d = cfg.data
     train = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.train]
     val = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.val]
-    tokenizer = cfg.model.tokenizer or cfg.model.pretrained
-    if tokenizer and not (Path(tokenizer) / "sentencepiece.bpe.model").is_file():
-        key = "model.tokenizer" if cfg.model.tokenizer else "model.pretrained"
-        raise ConfigError(f"{key}={tokenizer!r}: no sentencepiece.bpe.model there (give the folder that holds it)")
+    setting = tokenizer_setting(cfg)  # its folder and sentencepiece model are checked by preflight()
+    tokenizer = setting[1] if setting else None
     if d.synthetic is not None:
         root, tok = ensure_synthetic(cfg)
         train = train or [SourceConfig("synthetic", [str(root / "train")])]
         val = val or [SourceConfig("synthetic", [str(root / "val")])]
         tokenizer = tokenizer or str(tok)
-    if not tokenizer:
-        raise ConfigError("no tokenizer: set model.tokenizer or model.pretrained (a folder with "
-                          "sentencepiece.bpe.model)")
     return DataConfig(
         sources=train, val_sources=val, tokenizer=str(tokenizer), batch_size=cfg.trainer.micro_batch_size,
         num_workers=d.num_workers, max_expressions_per_image=d.max_expressions_per_image,
@@ -156,11 +154,19 @@ def resolve_sam_resize(cfg: RunConfig) -> str:
 
 
 def resolve_pretrained(cfg: RunConfig) -> RunConfig:
-    """Check that `model.pretrained` holds what the run needs (naming any missing file) and turn
+    """Resolve Hub ids of `model.pretrained` / `tokenizer` / `sam_checkpoint` to local folders, check
+    that `model.pretrained` holds what the run needs (naming any missing file) and turn
     `model.size=auto` into that folder's dimensions, so that checkpoints load without the folder."""
+    from evfsam_lightning.hub import resolve
     from evfsam_lightning.models import checkpoints as ck
 
     m = cfg.model
+    # Hub ids (`org/name[@revision]`) become their local snapshot folders, once, before any work.
+    hub = {key: str(resolve(getattr(m, key), f"model.{key}")) for key in ("pretrained", "tokenizer", "sam_checkpoint")
+           if getattr(m, key)}
+    if hub:
+        m = dataclasses.replace(m, **hub)
+        cfg = dataclasses.replace(cfg, model=m)
     if not m.pretrained:
         return cfg
     try:
@@ -221,6 +227,95 @@ def resume_path(cfg: RunConfig) -> str | None:
     return r
 
 
+LOGGER_IDS = "loggers.json"
+
+
+def active_loggers(cfg: RunConfig) -> list[str]:
+    return [n for n in cfg.logging.loggers if n != "tensorboard" or cfg.logging.tensorboard]
+
+
+def _logger_ids(cfg: RunConfig) -> dict:
+    """The MLflow run and W&B run ids of the run's previous start (`<run dir>/loggers.json`), for a
+    run that resumes from a checkpoint; a run that starts over gets new ones."""
+    path = cfg.run_dir / LOGGER_IDS
+    if resume_path(cfg) is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        log.warning("%s is not valid JSON: the loggers start new runs", path)
+        return {}
+
+
+def mlflow_tracking_uri(cfg: RunConfig) -> str:
+    """MLFLOW_TRACKING_URI when set, else the file store `<run dir>/mlruns`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or (cfg.run_dir.resolve() / "mlruns").as_uri()
+
+
+def _continuing_mlflow_logger(**kwargs):
+    """Lightning's MLFlowLogger for a run that may continue an MLflow run: MLflow refuses to change a
+    logged param, and a resumed run may change some (trainer.max_steps raised to train on), so only
+    params the run has not logged yet are logged; changed ones are named in a warning (the run
+    directory's config.yaml has their new values)."""
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class ContinuingMLFlowLogger(MLFlowLogger):
+        @rank_zero_only
+        def log_hyperparams(self, params) -> None:
+            logged = self.experiment.get_run(self.run_id).data.params
+            flat = _flatten_dict(_convert_params(params))
+            changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != str(v)[:250])
+            if changed:
+                log.warning("MLflow run %s keeps the first values of %s (MLflow params cannot change)",
+                            self.run_id, ", ".join(changed))
+            super().log_hyperparams({k: v for k, v in flat.items() if k not in logged})
+
+    return ContinuingMLFlowLogger(**kwargs)
+
+
+def build_loggers(cfg: RunConfig) -> list:
+    """Lightning's own loggers for `logging.loggers`, each writing in the run directory (see the
+    config help); a resumed run continues the MLflow run and W&B run id of its previous start."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    ids = _logger_ids(cfg)
+    loggers = []
+    for name in active_loggers(cfg):
+        if name == "tensorboard":
+            loggers.append(TensorBoardLogger(save_dir=str(cfg.run_dir), name="tensorboard", version=""))
+        elif name == "csv":
+            # One version_<n>/metrics.csv per start: Lightning's writer empties an existing file.
+            loggers.append(CSVLogger(save_dir=str(cfg.run_dir), name="csv"))
+        elif name == "mlflow":
+            uri = mlflow_tracking_uri(cfg)
+            if uri.startswith("file:"):  # MLflow 3 wants an opt-in to its (maintained, not deprecated) file store
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            previous = ids.get("mlflow") or {}
+            loggers.append(_continuing_mlflow_logger(experiment_name=cfg.logging.project, run_name=cfg.name, tracking_uri=uri,
+                                        run_id=previous.get("run_id") if previous.get("tracking_uri") == uri else None))
+        elif name == "wandb":
+            loggers.append(WandbLogger(project=cfg.logging.project, name=cfg.name, save_dir=str(cfg.run_dir.resolve()),
+                                       id=ids.get("wandb") or uuid.uuid4().hex[:12], resume="allow"))
+    return loggers
+
+
+def save_logger_ids(cfg: RunConfig, trainer: L.Trainer) -> None:
+    """Record the MLflow run and W&B run ids (rank 0, before fit) for the next start of the run."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    ids = {}
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            ids["mlflow"] = {"run_id": logger.run_id, "tracking_uri": mlflow_tracking_uri(cfg)}
+        elif isinstance(logger, WandbLogger):
+            ids["wandb"] = logger.experiment.id
+    if ids:
+        atomic_write_text(cfg.run_dir / LOGGER_IDS, json.dumps(ids, indent=1))
+
+
 def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     from evfsam_lightning.training.strategies import build_strategy
 
@@ -239,7 +334,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     ]
     if cfg.logging.progress_bar:  # refreshed (and the loss read from the device) once per log interval
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
-    if cfg.logging.tensorboard:
+    if active_loggers(cfg):
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.checkpoint.keep_top_k > 0 and (cfg.data.val or cfg.data.synthetic is not None):
         callbacks.append(CompleteCheckpoint(
@@ -248,8 +343,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     if cfg.checkpoint.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/ciou", mode="max", patience=cfg.checkpoint.early_stopping_patience,
                                        check_on_train_epoch_end=False))
-    logger = TensorBoardLogger(save_dir=str(cfg.run_dir), name="tensorboard", version="") if cfg.logging.tensorboard \
-        else False
+    loggers = build_loggers(cfg)
     val_every = t.val_every_n_steps * accumulate if t.val_every_n_steps else None
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
@@ -257,9 +351,22 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         gradient_clip_val=cfg.optim.grad_clip or None, log_every_n_steps=t.log_every_n_steps,
         val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         limit_val_batches=t.limit_val_batches or None, enable_progress_bar=cfg.logging.progress_bar,
-        default_root_dir=str(cfg.run_dir), logger=logger, callbacks=callbacks, use_distributed_sampler=False,
+        default_root_dir=str(cfg.run_dir), logger=loggers or False, callbacks=callbacks, use_distributed_sampler=False,
         deterministic=t.deterministic, enable_checkpointing=True, plugins=slurm_plugins(),
     )
+
+
+def silence_known_warnings() -> None:
+    """Filter the warnings Lightning prints on every run that we know do not apply (by message and
+    module, so that anything else still shows)."""
+    # TrainStream/EvalStream split their batches across workers and ranks themselves: __len__ is exact.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", module=r"lightning\.")
+    # Lightning's own pytree helper calls torch's deprecated LeafSpec check: not ours to change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.")
+    if "SLURM_JOB_ID" not in os.environ:  # outside a SLURM allocation there is nothing to srun into
+        warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used",
+                                module=r"lightning\.")
 
 
 def train(cfg: RunConfig) -> L.Trainer:
@@ -268,6 +375,8 @@ def train(cfg: RunConfig) -> L.Trainer:
     from evfsam_lightning.data.embedding_cache import EmbeddingCacheError
     from evfsam_lightning.training.module import EvfSamModule, model_size
 
+    preflight(cfg)  # every file the run needs, before anything is built
+    silence_known_warnings()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cfg = resolve_precision(resolve_pretrained(cfg))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -282,11 +391,17 @@ def train(cfg: RunConfig) -> L.Trainer:
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         atomic_write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))
+        save_logger_ids(cfg, trainer)
     ckpt = resume_path(cfg)
     if trainer.is_global_zero:
         print(f"run directory: {cfg.run_dir.resolve()}")
         print(f"  checkpoints: {(cfg.run_dir / 'checkpoints').resolve()}")
-        print(f"  tensorboard: tensorboard --logdir {(cfg.run_dir / 'tensorboard').resolve()}")
+        logs = {"tensorboard": f"tensorboard --logdir {(cfg.run_dir / 'tensorboard').resolve()}",
+                "csv": f"{(cfg.run_dir / 'csv').resolve()}/version_<n>/metrics.csv (one per start)",
+                "mlflow": f"mlflow ui --backend-store-uri {mlflow_tracking_uri(cfg)}",
+                "wandb": f"{(cfg.run_dir / 'wandb').resolve()} (WANDB_MODE={os.environ.get('WANDB_MODE', 'online')})"}
+        for name in active_loggers(cfg):
+            print(f"  {name}: {logs[name]}")
         print(f"  resuming from {ckpt}" if ckpt else "  starting from scratch")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     if trainer.is_global_zero:
@@ -297,6 +412,14 @@ def train(cfg: RunConfig) -> L.Trainer:
 def _print_summary(cfg: RunConfig, trainer: L.Trainer) -> None:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     last = find_resume_checkpoint(cfg.run_dir / "checkpoints")
+    code = preemption_exit_code(trainer)
+    if code is not None:
+        then = "the requeued SLURM job resumes on its own" if code == EXIT_REQUEUED else \
+            "run the same command to resume"
+        print(f"preempted at step {trainer.global_step}: {then}")
+        if last is not None:
+            print(f"  last checkpoint: {last}")
+        return
     print(f"finished at step {trainer.global_step}")
     if trainer.global_step < cfg.trainer.max_steps and cfg.checkpoint.early_stopping_patience:
         print(f"  stopped early: val/ciou did not improve for {cfg.checkpoint.early_stopping_patience} validations")

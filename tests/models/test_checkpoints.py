@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -155,3 +157,39 @@ def test_hf_sam_layout_loads(tmp_path):
 def test_gaussian_matrix_never_trains():
     model = build_model("tiny")
     assert not model.visual_model.prompt_encoder.shared_embedding.positional_embedding.requires_grad
+
+
+def test_export_opens_with_auto_tokenizer_and_follows_the_umask(tmp_path, tiny_tokenizer_dir):
+    """The official inference code opens the folder with AutoTokenizer(use_fast=False): it needs
+    tokenizer_config.json; and the folder is group/world readable under a 022 umask."""
+    from transformers import AutoTokenizer
+
+    from evfsam_lightning.data.tokenizer import load_tokenizer
+
+    old = os.umask(0o022)
+    try:
+        out = ck.export_reference(build_model("tiny"), tmp_path / "exported", tokenizer_dir=tiny_tokenizer_dir)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in out.iterdir()), \
+        {f.name: oct(f.stat().st_mode) for f in out.iterdir()}
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "XLMRobertaTokenizer"
+    auto = AutoTokenizer.from_pretrained(str(out), use_fast=False)
+    ours = load_tokenizer(out)
+    texts = ["the red circle", "[semantic] left shoe", "an unseen zebra!"]
+    assert auto(texts)["input_ids"] == ours(texts)["input_ids"]
+    assert auto.convert_tokens_to_ids("[semantic]") == json.loads((out / "added_tokens.json").read_text())["[semantic]"]
+    assert ours("[semantic] wall")["input_ids"][1] == auto.convert_tokens_to_ids("[semantic]")
+
+
+def test_folder_loaded_on_meta_takes_the_files_values_cast_to_fp32(tmp_path, tiny_tokenizer_dir):
+    """load_reference_folder assigns the file's tensors (no initialised model beside them): every
+    weight is a real tensor with the file's values, and a bf16 export is cast to the model's fp32."""
+    torch.manual_seed(0)
+    model = _randomise(build_model("tiny"))
+    out = ck.export_reference(model, tmp_path / "bf16", tokenizer_dir=tiny_tokenizer_dir, dtype=torch.bfloat16)
+    loaded, _ = ck.load_reference_folder(out)
+    for name, tensor in loaded.state_dict().items():
+        assert not tensor.is_meta and tensor.dtype == model.state_dict()[name].dtype, name
+        torch.testing.assert_close(tensor, model.state_dict()[name].to(torch.bfloat16).to(tensor.dtype))

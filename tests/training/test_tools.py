@@ -85,3 +85,32 @@ def test_frozen_weights_left_out_of_checkpoints_come_back_on_resume(tmp_path, sy
     final = torch.load(find_resume_checkpoint(tmp_path / "runs" / "quickstart" / "checkpoints"),
                        map_location="cpu", weights_only=True)
     assert final["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_export_writes_a_model_card_and_lists_what_push_to_hub_would_send(trained):
+    """evfsam-export of a run directory: README.md with the Hub metadata and the run's evaluation
+    (an evfsam-eval --out file in the run) as model-index; --push-to-hub --dry-run sends nothing
+    (offline) and lists every file."""
+    from huggingface_hub import ModelCard, metadata_load
+
+    cwd, ckpt, _ = trained
+    run_dir = cwd / "runs" / "quickstart"
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / "val.json").write_text(json.dumps({
+        "checkpoint": str(ckpt), "shuffled_expressions": False, "all": {"giou": 0.5, "ciou": 0.25},
+        "splits": {"synthetic_val": {"giou": 0.5, "ciou": 0.25, "expressions": 40}}}))
+    env = {**clean_env(), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "evfsam_lightning.cli.export", "--checkpoint", str(run_dir),
+                             "--out", "carded", "--push-to-hub", "me/evf-tiny", "--private", "--dry-run"],
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    listed = result.stdout.split("would upload to https://huggingface.co/me/evf-tiny (private):")[1]
+    for name in ("README.md", "config.json", "model.safetensors", "sentencepiece.bpe.model", "tokenizer_config.json"):
+        assert f"  {name} (" in listed, result.stdout
+    assert "evfsam-predict --checkpoint me/evf-tiny " in (cwd / "carded" / "README.md").read_text()
+    meta = metadata_load(cwd / "carded" / "README.md")
+    assert meta["pipeline_tag"] == "image-segmentation" and meta["library_name"] == "evfsam-lightning"
+    results = {(r.dataset_name, r.metric_type): r.metric_value
+               for r in ModelCard.load(cwd / "carded" / "README.md").data.eval_results}
+    assert results[("synthetic_val", "giou")] == 50.0 and results[("synthetic_val", "ciou")] == 25.0
