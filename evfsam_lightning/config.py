@@ -149,9 +149,14 @@ class CheckpointConfig:
     every_n_steps: int = doc(500, "save every N optimizer steps (and always at the end); 0: only at the end "
                                   "and on preemption")
     keep_top_k: int = doc(1, "best checkpoints kept by validation cIoU (besides the last)")
+    keep_last: int = doc(2, "newest periodic checkpoints kept (2: one to fall back to should the newest be damaged)")
     save_frozen: bool = doc(True, "false: leave frozen weights out (reloaded from their source on resume)")
-    resume: str = doc("auto", "auto (newest complete checkpoint of the run), false (start over), or a checkpoint "
-                              "path (a .ckpt file or a DeepSpeed/FSDP checkpoint directory)")
+    resume: str = doc("auto", "auto (newest complete checkpoint of the run that verifies; a damaged one is skipped "
+                              "with a warning), false (start over), or a checkpoint path (a .ckpt file or a "
+                              "DeepSpeed/FSDP checkpoint directory)")
+    reset_data_position: bool = doc(False, "resume on another process layout (devices x nodes, workers, micro-batch): "
+                                           "keep weights, optimizer, schedule and step, restart the data stream at "
+                                           "the new layout's next epoch boundary with shards not yet read")
     early_stopping_patience: int = doc(0, "stop after this many validations without a better val/ciou (0: off)")
 
 
@@ -333,6 +338,15 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not cfg.checkpoint.save_frozen and cfg.model.mode == "full" and not cfg.model.freeze:
         raise ConfigError("checkpoint.save_frozen=false with model.mode=full: there are no frozen weights to "
                           "leave out")
+    m = cfg.model
+    if not cfg.checkpoint.save_frozen and not m.pretrained:
+        # The frozen weights of both parts (at least the ones the text path never uses) come back
+        # from these files on resume, consolidation and export.
+        unset = [k for k in ("sam_checkpoint", "beit3_checkpoint") if not getattr(m, k)]
+        if unset:
+            raise ConfigError(f"checkpoint.save_frozen=false: frozen weights are restored from their pretrained "
+                              f"files, but model.{unset[0]} is not set (set model.pretrained, or model.sam_checkpoint "
+                              "and model.beit3_checkpoint, or checkpoint.save_frozen=true)")
     if cfg.data.embedding_cache:
         if cfg.model.mode != "frozen_image_encoder":
             raise ConfigError(f"data.embedding_cache needs a frozen SAM image encoder: model.mode="
@@ -344,6 +358,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                 raise ConfigError(f"data.embedding_cache needs a frozen SAM image encoder: model.unfreeze "
                                   f"entry {prefix!r} trains it")
     _validate_loggers(cfg.logging)
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be at least 1")
     _check_run_paths(cfg)
     return cfg
 

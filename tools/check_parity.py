@@ -6,6 +6,12 @@
 Reads the fixture's manifest.json, builds the model from its dimensions, loads weights.safetensors
 through the public checkpoint loader, runs preprocessing, inference, the training forward with the
 loss, and the backward, and prints one row per compared tensor. Exit status 0 only if all pass.
+
+    python tools/check_parity.py ../shared/fixtures/evfsam_parity_a --onnx
+
+exports the same model with `evfsam_lightning.deploy.onnx` (both families) to a temporary folder
+and checks the two onnxruntime graphs and the predictor's pre/postprocessing instead: the fixture's
+expression, and its padded multi-expression training batch through the same graph.
 """
 
 from __future__ import annotations
@@ -140,13 +146,76 @@ def fixture_family(manifest: dict) -> str:
     return "sam" if family == "sam1" else family
 
 
-def run(fixture: Path) -> bool:
+#: golden names of the image features, by our feature name (SAM-2 fixtures say `image_embed`)
+_FEATURE_GOLDEN = {"image_embeddings": ("image_embeddings", "image_embed")}
+
+
+def check_onnx(fixture: Path, manifest: dict, family: str, report: Report) -> None:
+    """The fixture's model exported to ONNX and run by onnxruntime through `OnnxPredictor`."""
+    import tempfile
+
+    from evfsam_lightning.deploy.onnx import OnnxPredictor, export_onnx
+
+    io = load_file(str(fixture / "io.safetensors"))
+    if family == "sam":
+        config = model_config_from_manifest(manifest)
+    else:
+        from evfsam_lightning.models.parity_sam2 import model_config_from_manifest as sam2_config
+
+        config = sam2_config(manifest)
+    model = build_model(config)
+    load_reference_weights(model, fixture / "weights.safetensors")
+    model.eval()
+    with tempfile.TemporaryDirectory(prefix="evfsam-onnx-") as tmp:
+        out = export_onnx(model, tmp)
+        del model
+        predictor = OnnxPredictor(out)
+        image = io["image_rgb_uint8"].numpy()
+        sam, beit, resize_hw = predictor.preprocess(image)
+        if "sam_resize_hw" in io:
+            report.exact("sam_resize_hw", torch.tensor(resize_hw), io["sam_resize_hw"])
+        report.exact("sam_pixel_values", torch.from_numpy(sam), io["sam_pixel_values"])
+        report.exact("beit_pixel_values", torch.from_numpy(beit), io["beit_pixel_values"])
+        feats = predictor.encode_image(io["sam_pixel_values"].numpy())
+        for name, value in feats.items():
+            golden = next((g for g in (*_FEATURE_GOLDEN.get(name, ()), name) if g in io), None)
+            if golden is not None:
+                report.close(f"onnx.{golden}", torch.from_numpy(value), io[golden])
+        low_res, iou = predictor.decode(feats, io["beit_pixel_values"].numpy(), io["input_ids"].numpy(),
+                                        io["attention_mask"].bool().numpy())
+        report.close("onnx.low_res_masks", torch.from_numpy(low_res), io["low_res_masks"])
+        if "iou_predictions" in io:
+            report.close("onnx.iou_predictions", torch.from_numpy(iou), io["iou_predictions"])
+        logits = predictor.postprocess(low_res, resize_hw, image.shape[:2])
+        report.close("onnx.mask_logits", torch.from_numpy(logits), io["mask_logits"])
+        report.mask("onnx.pred_mask", torch.from_numpy(logits[0] > 0), io["pred_mask"], io["mask_logits"][0],
+                    FLOAT_TOL)
+        # Several expressions of different lengths (padded) through the same graph: the training
+        # batch, whose expressions all belong to the fixture image
+        n = int(io["train_offset"][-1])
+        low_res, _ = predictor.decode(feats, io["beit_pixel_values"].numpy(), io["train_input_ids"][:n].numpy(),
+                                      io["train_attention_masks"][:n].bool().numpy())
+        report.close("onnx.train_low_res_masks", torch.from_numpy(low_res), io["train_low_res_masks"][:n])
+
+
+def run(fixture: Path, onnx: bool = False) -> bool:
     fixture = Path(fixture)
     manifest = json.loads((fixture / "manifest.json").read_text())
     family = fixture_family(manifest)
     torch.manual_seed(0)
     report = Report()
-    if family == "sam":
+    from evfsam_lightning.models.parity_video import is_video_fixture
+
+    if is_video_fixture(manifest):
+        if onnx:
+            raise SystemExit("check_parity: --onnx does not cover video fixtures (the memory path is not exported)")
+        from evfsam_lightning.models.parity_video import check_parity_video
+
+        family = "sam2 video"
+        check_parity_video(fixture, manifest, report)
+    elif onnx:
+        check_onnx(fixture, manifest, family, report)
+    elif family == "sam":
         check_sam1(fixture, manifest, report)
     else:
         from evfsam_lightning.models.parity_sam2 import check_parity_sam2
@@ -159,8 +228,10 @@ def run(fixture: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fixture", type=Path, help="fixture folder with manifest.json, weights/io safetensors")
+    parser.add_argument("--onnx", action="store_true",
+                        help="export the model to ONNX and check the onnxruntime graphs and predictor instead")
     args = parser.parse_args(argv)
-    return 0 if run(args.fixture) else 1
+    return 0 if run(args.fixture, onnx=args.onnx) else 1
 
 
 if __name__ == "__main__":

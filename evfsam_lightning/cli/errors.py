@@ -86,8 +86,8 @@ def describe(e: BaseException) -> str | None:
     module = type(e).__module__ or ""
     name = type(e).__name__
     # our own error types, matched by name so that describing one never imports torch
-    if module.startswith("evfsam_lightning") and name in ("CheckpointError", "DataError", "SampleError",
-                                                           "EmbeddingCacheError", "LaunchError", "ShardError"):
+    ours = ("CheckpointError", "DataError", "SampleError", "EmbeddingCacheError", "LaunchError", "ShardError")
+    if module.startswith("evfsam_lightning") and any(c.__name__ in ours for c in type(e).__mro__):  # subclasses too
         return _first_line(e)
     if name == "MisconfigurationException" and module.startswith("lightning"):  # e.g. a GPU asked of a CPU build
         return _first_line(e)

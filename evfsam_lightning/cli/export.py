@@ -3,6 +3,7 @@
     evfsam-export --checkpoint runs/quickstart/checkpoints/step-00002000.ckpt --out exported/quickstart
     evfsam-export --checkpoint runs/big/checkpoints/step-00010000.ckpt --consolidate-only --out full.ckpt
     evfsam-export --checkpoint runs/mine --out exported/mine --push-to-hub me/evf-sam-mine [--private] [--dry-run]
+    evfsam-export --checkpoint exported/quickstart --format onnx --out exported/quickstart-onnx
 
 The exported folder (config.json, model.safetensors under the official key names, tokenizer files,
 and a model card README.md with the Hub's metadata and the evaluation results found in the run)
@@ -40,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
                    "(created if absent; token from HF_TOKEN or `hf auth login`)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list what would be uploaded, send nothing")
+    p.add_argument("--format", default="official", choices=["official", "onnx"],
+                   help="official: the EVF-SAM folder layout; onnx: image_encoder.onnx + text_decoder.onnx "
+                        "with the tokenizer, for evfsam_lightning.deploy.onnx.OnnxPredictor (float32)")
     args = p.parse_args(argv)
+    if args.format == "onnx" and _DTYPES[args.dtype] != "float32":
+        p.error("--dtype applies to the official layout; the ONNX graphs are exported in float32")
+    if args.format == "onnx" and args.push_to_hub:
+        p.error("--push-to-hub uploads the official layout; export that (without --format onnx) to push")
     from evfsam_lightning.hub import parse_hub_id
 
     missing = [f for f in args.results if not Path(f).is_file()]
@@ -63,17 +71,25 @@ def main(argv: list[str] | None = None) -> int:
         is_sharded,
         load_for_inference,
         tokenizer_folder,
+        verify_if_marked,
     )
 
     if args.consolidate_only:
         if not is_sharded(args.checkpoint):
             p.error(f"{args.checkpoint} is not a DeepSpeed or FSDP checkpoint directory")
+        verify_if_marked(args.checkpoint)
         print(f"consolidated -> {consolidate(args.checkpoint, args.out)}")
         return 0
+    if args.format == "onnx":
+        from evfsam_lightning.deploy.onnx import check_export_available
+
+        check_export_available()  # a missing extra is a config error before the model is loaded
     model, tokenizer = load_for_inference(args.checkpoint)
     merged = merge_lora(model)
     if merged:
         print(f"merged the LoRA updates of {merged} layers into their weights")
+    if args.format == "onnx":
+        return _export_onnx(model, tokenizer, args.out)
     with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
         card = model_card(args.checkpoint, Path(args.out).name, license=args.license, results=args.results,
                           repo_id=args.push_to_hub)
@@ -85,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         verb = "would upload" if args.dry_run else "uploaded"
         print(f"{verb} to https://huggingface.co/{args.push_to_hub}{' (private)' if args.private else ''}:")
         print("\n".join(f"  {f}" for f in files))
+    return 0
+
+
+def _export_onnx(model, tokenizer, out: str) -> int:
+    from evfsam_lightning.deploy.onnx import export_onnx
+    from evfsam_lightning.training.loading import tokenizer_folder
+
+    with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
+        folder = export_onnx(model, out, tokenizer_dir=tok_dir)
+    print(f"exported ONNX -> {folder}")
     return 0
 
 

@@ -17,11 +17,20 @@ ints, lists and strings:
 Loading a state whose `stream` settings differ from this run's raises a ValueError that names
 them: the sample sequence depends on the number of ranks and of (logical) workers, so resuming
 exactly with different ones is impossible (num_workers 0 and 1 are the same single stream).
+
+With `reset_data_position` (the run's `checkpoint.reset_data_position=true`) a change of the
+*layout* only (world_size, workers, batch_size, hence batches_per_epoch) is accepted and the
+stream restarts at a deterministic position of the new layout (`reset_position`): batch index
+= the first epoch boundary of the new layout at or after the samples consumed so far, and every
+source's readers start with the first shards of the source's global shard sequence that no reader
+of the old layout had started (no shard is read twice; the unread rest of the shards in progress
+is skipped). Any other change is still refused.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -32,6 +41,7 @@ import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ..config import ConfigError
 from .batching import (
     EXPRESSION_SAMPLING,
     SAM_RESIZE_PLACES,
@@ -218,6 +228,51 @@ def _keep(batch: Any) -> Any:
     return batch
 
 
+#: The stream settings that describe the process layout; `reset_data_position` accepts a change of these.
+LAYOUT_KEYS = ("world_size", "workers", "batch_size", "batches_per_epoch")
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader. Its position is kept (exactly) by `EvfDataModule`'s own
+    `state_dict`; the loader says so to Lightning by being stateful, which silences Lightning's
+    warning that a resumed run's loader is not resumable (true for any other loader)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": "kept by EvfDataModule"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # EvfDataModule.load_state_dict restored the position
+
+
+def reset_position(saved: Mapping[str, Any], ranks: Mapping[str, Any], batch_index: int, *, rank: int,
+                   world_size: int, workers: int, batch_size: int, batches_per_epoch: int,
+                   shuffle_shards: int) -> tuple[int, list[list[tuple[int, int]]]]:
+    """(batch index, readers of `rank`) where a new layout continues a saved stream (see the
+    module docstring). `saved` is the saved `stream` fingerprint, `ranks` its per-rank entries."""
+    old_readers = int(saved["world_size"]) * int(saved["workers"])
+    consumed = batch_index * int(saved["batch_size"]) * int(saved["world_size"])
+    first = math.ceil(consumed / (batch_size * world_size))
+    new_index = math.ceil(first / batches_per_epoch) * batches_per_epoch
+    bs, n_new = shuffle_shards, world_size * workers
+    starts = []
+    for s in range(len(saved["sources"])):
+        opened = -1  # the highest global shard-sequence index any old reader had started
+        for r, entry in ranks.items():
+            for w, readers in enumerate(entry["readers"]):
+                if readers is None:
+                    continue
+                block, emitted = (int(x) for x in readers[s])
+                last = (block + 1) * bs - 1 if emitted > 0 else block * bs - 1
+                if last >= 0:
+                    opened = max(opened, int(r) * int(saved["workers"]) + w + last * old_readers)
+        starts.append(opened + 1)
+    readers = []
+    for w in range(workers):
+        j = rank * workers + w
+        readers.append([(math.ceil(max(0, math.ceil((start - j) / n_new)) / bs), 0) for start in starts])
+    return new_index, readers
+
+
 def _plain(value: Any) -> Any:
     """Tuples -> lists, recursively, so that fingerprints compare equal after a checkpoint round trip."""
     if isinstance(value, (list, tuple)):
@@ -258,6 +313,9 @@ class EvfDataModule(L.LightningDataModule):
         self._batches_per_epoch: int | None = None
         self._eval_sizes: dict[str, tuple[list[str], list[int]]] = {}
         self._pending_state: dict[str, Any] | None = None
+        self.reset_data_position = False
+        """Accept a changed process layout on resume and restart the stream at `reset_position`."""
+        self.position_was_reset = False
 
     # ---- setup -------------------------------------------------------------------------------
     def _resolve_topology(self) -> None:
@@ -330,8 +388,8 @@ class EvfDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Workers restart every epoch (not persistent) so that each starts from the consumed position.
-        return DataLoader(self.train_stream(), batch_size=None, num_workers=self.config.num_workers,
-                          collate_fn=_keep, persistent_workers=False)
+        return TrainLoader(self.train_stream(), batch_size=None, num_workers=self.config.num_workers,
+                           collate_fn=_keep, persistent_workers=False)
 
     def eval_stream(self, source: SourceConfig) -> EvalStream:
         """This rank's share of one validation/test source."""
@@ -425,10 +483,16 @@ class EvfDataModule(L.LightningDataModule):
             raise ValueError(f"data state version {state.get('version')!r}, expected {STATE_VERSION}")
         saved, now = _plain(state["stream"]), self._fingerprint()
         diffs = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
+        layout_only = all(k in LAYOUT_KEYS for k in now if saved.get(k) != now[k])
+        if diffs and layout_only and self.reset_data_position:
+            self._reset_state(state, saved)
+            return
         if diffs:
-            raise ValueError("cannot resume the training data stream exactly, its settings changed ("
+            hint = (" Or set checkpoint.reset_data_position=true to keep weights, optimizer, schedule and step and "
+                    "restart the data stream at a deterministic position of the new layout.") if layout_only else ""
+            raise ConfigError("cannot resume the training data stream exactly, its settings changed ("
                              + "; ".join(diffs) + "). The sample sequence depends on the number of ranks and "
-                             "of DataLoader workers (0 and 1 are the same); resume with the saved values.")
+                             "of DataLoader workers (0 and 1 are the same); resume with the saved values." + hint)
         mine = state["ranks"].get(str(self.rank))
         if mine is None:
             raise ValueError(f"the data state holds ranks {sorted(state['ranks'])}, not rank {self.rank}")
@@ -436,4 +500,22 @@ class EvfDataModule(L.LightningDataModule):
         self.position.batch_index = int(state["batch_index"])
         self.position.readers[:] = readers
         self.data_stats_total = Counter(mine["data_stats"])
+
+    def _reset_state(self, state: dict[str, Any], saved: dict[str, Any]) -> None:
+        index, readers = reset_position(saved, state["ranks"], int(state["batch_index"]), rank=self.rank,
+                                        world_size=self.world_size, workers=self.workers,
+                                        batch_size=self.config.batch_size, batches_per_epoch=self.batches_per_epoch,
+                                        shuffle_shards=self.config.shuffle_shards)
+        self.position.batch_index = index
+        self.position.readers[:] = readers
+        total: Counter[str] = Counter()
+        for entry in state["ranks"].values():  # the run's totals travel on rank 0
+            total.update(entry["data_stats"])
+        self.data_stats_total = total if self.rank == 0 else Counter()
+        self.position_was_reset = True
+        if self.rank == 0:
+            changed = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._fingerprint().items()
+                                if k in LAYOUT_KEYS and saved.get(k) != v)
+            print(f"checkpoint.reset_data_position: the data layout changed ({changed}); the training stream "
+                  f"restarts at batch {index} (an epoch boundary of the new layout) with unread shards", flush=True)
 

@@ -155,7 +155,9 @@ class Beit3(nn.Module):
         x = torch.cat([vision, text], dim=1)
         attn_mask = None
         # Testing for padding would stall the host on an accelerator; an all-true mask attends alike.
-        if attention_mask is not None and (attention_mask.device.type != "cpu" or not bool(attention_mask.all())):
+        # An exported graph (ONNX) must keep the masked path: its inputs may be padded.
+        if attention_mask is not None and (attention_mask.device.type != "cpu" or torch.compiler.is_exporting()
+                                           or not bool(attention_mask.all())):
             keep = torch.cat([attention_mask.new_ones(vision.shape[:2]), attention_mask], dim=1).bool()
             x = x * keep.unsqueeze(-1).to(x.dtype)  # padded tokens are zeroed, as in the reference
             attn_mask = keep[:, None, None, :]  # (N, 1, 1, S): padded keys are masked out

@@ -79,7 +79,7 @@ MODEL_SIZES: dict[str, EvfSamConfig] = {
                        global_attn_indexes=[0, 1], window_size=4, prompt_dim=64, decoder_heads=4,
                        decoder_mlp_dim=256, iou_head_hidden_dim=64),
     ),
-    # SAM-2 Hiera-L (sam2_hiera_l.yaml) with its memory modules, which are only carried for checkpoints.
+    # SAM-2 Hiera-L (sam2_hiera_l.yaml) with its memory modules (run by the video tracker, never trained).
     "evf-sam2": EvfSamConfig(family="sam2", beit3=BEIT3_LARGE, sam=SAM2_HIERA_L),
     "tiny-sam2": EvfSamConfig(family="sam2", beit3=TINY_BEIT3, sam=Sam2Config(
         image_size=256, embed_dim=16, num_heads=1, stages=[1, 1, 2, 1], global_attn_blocks=[3],

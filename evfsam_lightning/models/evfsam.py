@@ -55,6 +55,22 @@ class PresenceHead(nn.Module):
         return logits.float().sigmoid() >= self.threshold.float()
 
 
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype `module` computes in: that of its first floating parameter, as it is when the module
+    runs. That is the engine's dtype under DeepSpeed bf16/fp16 and under `*-true` precisions, float32
+    under autocast (which casts on its own), and under FSDP2 the mixed-precision policy's dtype while
+    the module is unsharded (its policy has already cast the inputs of the sharded forward)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def to_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors cast to `dtype` (a no-op when they have it); others unchanged."""
+    return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+
 class MultimodalExtractor(nn.Module):
     """Holds BEiT-3 under the name the official checkpoints use (`mm_extractor.beit3`)."""
 
@@ -84,15 +100,25 @@ class EvfSam(nn.Module):
         return self.beit3.config.image_size
 
     # -- stages -------------------------------------------------------------------------------
+    # The model owns its input dtypes: each entry point casts what it is given (pixels made after
+    # Lightning's precision cast, cached bf16 features, float32 from inference callers) to the dtype
+    # its first layer computes in (`compute_dtype`), whatever the strategy and precision.
     def encode_images(self, sam_pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """SAM image features for a batch of preprocessed images (one per image, shared by all of
         its expressions)."""
-        return self.visual_model.encode_image(sam_pixel_values)
+        encoder = self.visual_model.vision_encoder
+        return self.visual_model.encode_image(to_dtype(sam_pixel_values, compute_dtype(encoder)))
+
+    def decoder_inputs(self, image_features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Image features (the encoder's, or an embedding cache's bf16 ones) in the mask decoder's dtype."""
+        dtype = compute_dtype(self.visual_model.mask_decoder)
+        return {k: to_dtype(v, dtype) for k, v in image_features.items()}
 
     def fusion_feature(self, beit_pixel_values: torch.Tensor, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """BEiT-3's output at position 0 (vision CLS of the fused sequence): (N, 1, D)."""
-        return self.beit3(beit_pixel_values, input_ids, attention_mask)[:, :1]
+        dtype = compute_dtype(self.beit3.vision_embed)
+        return self.beit3(to_dtype(beit_pixel_values, dtype), input_ids, attention_mask)[:, :1]
 
     def prompt_embeddings(self, beit_pixel_values: torch.Tensor, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,6 +136,7 @@ class EvfSam(nn.Module):
         image_index = batch["image_index"]
         if image_features is None:
             image_features = self.encode_images(batch["sam_pixel_values"])
+        image_features = self.decoder_inputs(image_features)
         beit_pixels = batch["beit_pixel_values"].index_select(0, image_index)
         fused = self.fusion_feature(beit_pixels, batch["input_ids"], batch.get("attention_mask"))
         prompt = self.text_hidden_fcs[0](fused)

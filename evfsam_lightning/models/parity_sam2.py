@@ -71,8 +71,10 @@ def model_config_from_manifest(manifest: dict) -> dict:
         "iou_head_hidden_dim": md["iou_head_hidden_dim"], "num_multimask_outputs": md["num_multimask_outputs"],
         "mask_in_chans": pe["mask_in_chans"], "mem_dim": arch["mem_dim"],
         "num_maskmem": model.get("num_maskmem", 7),
-        "memory_attention_layers": memory["memory_attention_layers"],
-        "memory_attention_ffn_dim": memory["memory_attention_ffn"],
+        "memory_attention_layers": memory.get("memory_attention_layers")
+        or memory["memory_attention"]["num_layers"],
+        "memory_attention_ffn_dim": memory.get("memory_attention_ffn")
+        or memory["memory_attention"]["dim_feedforward"],
         "memory_fuser_layers": fuser.get("num_layers", 2),
     }
     return {"family": "sam2", "beit3": beit3_config_from_manifest(manifest), "sam": sam}

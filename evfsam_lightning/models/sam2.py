@@ -14,8 +14,9 @@ reference image path, which this backbone reproduces:
 
 The reference checkpoints hold the whole SAM-2, including the video modules (memory attention,
 memory encoder, object-pointer projection, ...) that the image path never runs. They live here as
-persistent buffers of `video_memory`, a module that only holds tensors: they load from and export to
-the official names and shapes, are never trained (buffers reach no optimizer) and never run.
+real modules under `video_memory` (transformers' SAM-2 video memory modules, see `VideoMemory`),
+loaded from and exported to the official names and shapes, always frozen (never trained), and run by
+the video tracker (`models/sam2_video.py`).
 """
 
 from __future__ import annotations
@@ -167,20 +168,157 @@ def video_memory_shapes(cfg: Sam2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-class TensorHolder(nn.Module):
-    """Holds tensors under dotted names as persistent buffers of nested modules: they travel with
-    `state_dict`, `load_state_dict`, `.to()` and `to_empty`, and no optimizer ever sees them."""
+# -- video memory (real modules) ----------------------------------------------------------------
+def _hf_video_config(cfg: Sam2Config):
+    from transformers import Sam2VideoConfig
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
+    c = cfg.prompt_dim
+    video = Sam2VideoConfig(
+        memory_attention_hidden_size=c, memory_attention_num_layers=cfg.memory_attention_layers,
+        memory_attention_num_attention_heads=1, memory_attention_downsample_rate=1,
+        memory_attention_feed_forward_hidden_size=cfg.memory_attention_ffn_dim,
+        memory_attention_feed_forward_hidden_act="relu", memory_encoder_hidden_size=c,
+        memory_encoder_output_channels=cfg.mem_dim, mask_downsampler_embed_dim=c, memory_fuser_embed_dim=c,
+        memory_fuser_intermediate_dim=4 * c, memory_fuser_num_layers=cfg.memory_fuser_layers,
+    )
+    video._attn_implementation = "sdpa"
+    return video
+
+
+class MemoryAttention(nn.Module):
+    """SAM-2 memory attention: layers of (RoPE self-attention, RoPE cross-attention to the memory, MLP),
+    pre-norm, then a final LayerNorm. The layers are transformers' `Sam2VideoMemoryAttentionLayer`;
+    their cross-attention is rebuilt for our memory width, because transformers hard-codes the
+    keys' input width to 64 (SAM-2's `mem_dim`), and the axial RoPE angles are computed here for
+    the actual feature grid (transformers precomputes them in non-persistent buffers for a fixed
+    grid, which a meta-device build followed by `to_empty` would leave uninitialised)."""
+
+    def __init__(self, cfg: Sam2Config):
         super().__init__()
-        for name, shape in shapes.items():
-            *path, leaf = name.split(".")
-            module: nn.Module = self
-            for part in path:
-                if part not in module._modules:
-                    module.add_module(part, nn.Module())
-                module = module._modules[part]
-            module.register_buffer(leaf, torch.zeros(shape))
+        from transformers.models.sam2_video.modeling_sam2_video import (
+            Sam2VideoMemoryAttentionLayer,
+            Sam2VideoRoPEAttention,
+        )
+
+        video = _hf_video_config(cfg)
+        self.layers = nn.ModuleList()
+        for _ in range(cfg.memory_attention_layers):
+            layer = Sam2VideoMemoryAttentionLayer(video)
+            layer.cross_attn_image = Sam2VideoRoPEAttention(video, kv_in_dim=cfg.mem_dim, rope_k_repeat=True)
+            self.layers.append(layer)
+        self.layer_norm = nn.LayerNorm(cfg.prompt_dim)
+        self.rope_theta = 10000.0
+
+    def rope(self, height: int, width: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (1, h*w, head_dim) of the axial RoPE on a raster grid: the first half of the channel
+        pairs rotate with the column, the second half with the row."""
+        freqs = 1.0 / (self.rope_theta ** (torch.arange(0, head_dim, 4, device=device)[: head_dim // 4].float()
+                                           / head_dim))
+        idx = torch.arange(height * width, device=device, dtype=torch.float32)
+        t_x, t_y = idx % width, torch.div(idx, width, rounding_mode="floor")
+        angles = torch.cat([torch.outer(t_x, freqs), torch.outer(t_y, freqs)], dim=-1)
+        angles = angles.repeat_interleave(2, dim=-1)[None]
+        return angles.cos(), angles.sin()
+
+    def forward(self, curr: torch.Tensor, curr_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor,
+                num_obj_ptr_tokens: int, hw: tuple[int, int]) -> torch.Tensor:
+        """curr/curr_pos (B, HW, C), memory/memory_pos (B, M, mem_dim) -> (B, HW, C)."""
+        output = curr + 0.1 * curr_pos
+        head_dim = self.layers[0].self_attn.head_dim
+        cos_sin = self.rope(hw[0], hw[1], head_dim, curr.device)
+        output, memory, memory_pos = output[:, None], memory[:, None], memory_pos[:, None]
+        for layer in self.layers:
+            output = layer(queries=output, keys=memory, key_point_embedding=memory_pos,
+                           rope_position_embeddings=cos_sin, num_k_exclude_rope=num_obj_ptr_tokens)
+        return self.layer_norm(output[:, 0])
+
+
+class ObjectPointerProjection(nn.Module):
+    """MLP (ReLU between layers) from the selected mask token to the object pointer."""
+
+    def __init__(self, dim: int, depth: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class VideoMemory(nn.Module):
+    """The SAM-2 modules only video tracking runs: memory attention, memory encoder (transformers'
+    `Sam2VideoMemoryEncoder`), object-pointer projection, temporal position encodings of the memory
+    frames, no-memory position and no-object pointer. Names map to the official ones in
+    `video_key_to_reference` / `video_key_from_reference`. Never trained (EVF-SAM2 keeps SAM-2 frozen)."""
+
+    def __init__(self, cfg: Sam2Config):
+        super().__init__()
+        from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoMemoryEncoder
+
+        c, m = cfg.prompt_dim, cfg.mem_dim
+        self.maskmem_tpos_enc = nn.Parameter(torch.zeros(cfg.num_maskmem, 1, 1, m))
+        self.no_mem_pos_enc = nn.Parameter(torch.zeros(1, 1, c))
+        self.no_obj_ptr = nn.Parameter(torch.zeros(1, c))
+        self.mask_downsample = nn.Conv2d(1, 1, kernel_size=4, stride=4)
+        self.memory_attention = MemoryAttention(cfg)
+        self.memory_encoder = Sam2VideoMemoryEncoder(_hf_video_config(cfg))
+        self.obj_ptr_proj = ObjectPointerProjection(c)
+
+
+# official (under `visual_model.`) <-> ours (under `video_memory.`), regexes on the whole key
+_VIDEO_RENAMES = [
+    (r"^(memory_attention\.layers\.\d+\.(?:self_attn|cross_attn_image))\.out_proj\.", r"\1.o_proj."),
+    (r"^(memory_attention\.layers\.\d+)\.norm(\d)\.", r"\1.layer_norm\2."),
+    (r"^memory_attention\.norm\.", r"memory_attention.layer_norm."),
+    (r"^memory_encoder\.pix_feat_proj\.", r"memory_encoder.feature_projection."),
+    (r"^memory_encoder\.out_proj\.", r"memory_encoder.projection."),
+    (r"^memory_encoder\.fuser\.layers\.(\d+)\.weight$", r"memory_encoder.memory_fuser.layers.\1.scale"),
+    (r"^memory_encoder\.fuser\.layers\.(\d+)\.dwconv\.", r"memory_encoder.memory_fuser.layers.\1.depthwise_conv."),
+    (r"^memory_encoder\.fuser\.layers\.(\d+)\.norm\.", r"memory_encoder.memory_fuser.layers.\1.layer_norm."),
+    (r"^memory_encoder\.fuser\.layers\.(\d+)\.pwconv(\d)\.", r"memory_encoder.memory_fuser.layers.\1.pointwise_conv\2."),
+]
+_VIDEO_RENAMES_BACK = [
+    (r"^(memory_attention\.layers\.\d+\.(?:self_attn|cross_attn_image))\.o_proj\.", r"\1.out_proj."),
+    (r"^(memory_attention\.layers\.\d+)\.layer_norm(\d)\.", r"\1.norm\2."),
+    (r"^memory_attention\.layer_norm\.", r"memory_attention.norm."),
+    (r"^memory_encoder\.feature_projection\.", r"memory_encoder.pix_feat_proj."),
+    (r"^memory_encoder\.projection\.", r"memory_encoder.out_proj."),
+    (r"^memory_encoder\.memory_fuser\.layers\.(\d+)\.scale$", r"memory_encoder.fuser.layers.\1.weight"),
+    (r"^memory_encoder\.memory_fuser\.layers\.(\d+)\.depthwise_conv\.", r"memory_encoder.fuser.layers.\1.dwconv."),
+    (r"^memory_encoder\.memory_fuser\.layers\.(\d+)\.layer_norm\.", r"memory_encoder.fuser.layers.\1.norm."),
+    (r"^memory_encoder\.memory_fuser\.layers\.(\d+)\.pointwise_conv(\d)\.",
+     r"memory_encoder.fuser.layers.\1.pwconv\2."),
+]
+# the mask downsampler: official `encoder.{3j}` conv, `encoder.{3j+1}` LayerNorm2d, last index the 1x1 conv
+_DOWNSAMPLER = re.compile(r"^memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(.+)$")
+_DOWNSAMPLER_OURS = re.compile(r"^memory_encoder\.mask_downsampler\.(?:layers\.(\d+)\.(conv|layer_norm)|final_conv)\.(.+)$")
+
+
+def video_key_from_reference(key: str, num_down: int = 4) -> str:
+    m = _DOWNSAMPLER.match(key)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        if i == 3 * num_down:
+            return f"memory_encoder.mask_downsampler.final_conv.{rest}"
+        return f"memory_encoder.mask_downsampler.layers.{i // 3}.{('conv', 'layer_norm')[i % 3]}.{rest}"
+    for pattern, repl in _VIDEO_RENAMES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def video_key_to_reference(key: str, num_down: int = 4) -> str:
+    m = _DOWNSAMPLER_OURS.match(key)
+    if m:
+        if m.group(1) is None:
+            return f"memory_encoder.mask_downsampler.encoder.{3 * num_down}.{m.group(3)}"
+        index = 3 * int(m.group(1)) + (0 if m.group(2) == "conv" else 1)
+        return f"memory_encoder.mask_downsampler.encoder.{index}.{m.group(3)}"
+    for pattern, repl in _VIDEO_RENAMES_BACK:
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 # (reference prefix, our prefix); a prefix without a trailing dot is a whole key. Most specific first.
@@ -256,9 +394,8 @@ class Sam2Backbone(SamBackbone):
         self.prompt_encoder = Sam2PromptEncoder(prompt)
         self.mask_decoder = Sam2MaskDecoder(decoder)
         self.no_memory_embedding = nn.Parameter(torch.zeros(1, 1, config.prompt_dim))
-        memory = video_memory_shapes(config)
-        self.video_memory = TensorHolder(memory)
-        self._video_keys = frozenset(memory)
+        self.video_memory = VideoMemory(config)
+        self._video_keys = frozenset(video_memory_shapes(config))
         self._mlp_depths = {
             r"vision_encoder\.backbone\.blocks\.\d+\.mlp": 2,
             r"mask_decoder\.transformer\.layers\.\d+\.mlp": 2,
@@ -326,7 +463,7 @@ class Sam2Backbone(SamBackbone):
     # -- checkpoint keys ----------------------------------------------------------------------
     def from_reference_key(self, key: str) -> str:
         if key in self._video_keys:
-            return _VIDEO + key
+            return _VIDEO + video_key_from_reference(key)
         key = _swap_prefix(key, to_reference=False)
         for pattern, repl in _INFIXES_FROM_REFERENCE:
             key = re.sub(pattern, repl, key)
@@ -336,7 +473,7 @@ class Sam2Backbone(SamBackbone):
 
     def to_reference_key(self, key: str) -> str:
         if key.startswith(_VIDEO):
-            return key[len(_VIDEO):]
+            return video_key_to_reference(key[len(_VIDEO):])
         for prefix, depth in self._mlp_depths.items():
             key = re.sub(rf"^({prefix})\.(proj_in|proj_out|layers\.\d+)\.", _mlp_rename(depth, True), key)
         for pattern, repl in _INFIXES_TO_REFERENCE:

@@ -118,6 +118,8 @@ def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device
         missing = [k for k in model.state_dict() if k not in state and k not in left_out]
         if missing:
             raise ck.CheckpointError(f"{path} lacks weights it did not declare left out: {', '.join(missing[:10])}")
+        # What was left out comes from the fp32 source even where a strategy's copy was saved.
+        state = {k: v for k, v in state.items() if k not in left_out}
         ck.load_into(model, state, source=str(path), allow_missing=tuple(ck.SUBSETS))
     else:
         model = add_configured_lora(build_model(model_size(cfg.model), presence_head=cfg.model.presence_head), cfg)
@@ -130,10 +132,26 @@ def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device
     return model.to(device).eval(), tokenizer, cfg
 
 
+def verify_if_marked(path: str | os.PathLike) -> None:
+    """A checkpoint written by `evfsam-train` (it has a `.complete` marker) is checked against the
+    sizes and checksums its marker records; a damaged one raises `DamagedCheckpoint` (a
+    `CheckpointError`) naming the file. Files without a marker (exports, copies) load unverified."""
+    from evfsam_lightning.training.callbacks import is_complete, verify_checkpoint
+
+    if is_complete(path):
+        verify_checkpoint(path)
+
+
 def best_checkpoint(run_dir: str | os.PathLike) -> Path:
     """The checkpoint of a run directory to use: the complete one with the best validation cIoU
-    (`best-...-ciouX.ckpt`), else the newest complete one."""
-    from evfsam_lightning.training.callbacks import find_resume_checkpoint, is_complete
+    (`best-...-ciouX.ckpt`), else the newest complete one; one whose files do not match its marker
+    is skipped with a warning naming the file."""
+    from evfsam_lightning.training.callbacks import (
+        DamagedCheckpoint,
+        find_resume_checkpoint,
+        is_complete,
+        verify_checkpoint,
+    )
 
     folder = Path(run_dir) / "checkpoints"
     scored = []
@@ -141,9 +159,13 @@ def best_checkpoint(run_dir: str | os.PathLike) -> Path:
         match = re.search(r"ciou([0-9.]+?)(\.ckpt)?$", ckpt.name)
         if match and is_complete(ckpt):
             scored.append((float(match.group(1)), ckpt.name, ckpt))
-    if scored:
-        return max(scored)[2]
-    newest = find_resume_checkpoint(folder)
+    for _, _, ckpt in sorted(scored, reverse=True):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except DamagedCheckpoint as e:
+            print(f"warning: skipping a damaged checkpoint: {e}", file=sys.stderr)
+    newest = find_resume_checkpoint(folder, verify=True)
     if newest is None:
         raise FileNotFoundError(f"run directory {run_dir}: no complete checkpoint in {folder}")
     return newest
@@ -161,6 +183,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     if path.is_dir() and (path / "checkpoints").is_dir():
         path = best_checkpoint(path)
         print(f"run directory: using {path}", file=sys.stderr)
+    verify_if_marked(path)
     if path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = ck.load_reference_folder(path, device=device)
         tokenizer.evfsam_files = tokenizer_files(path)

@@ -100,6 +100,7 @@ class EvfSamModule(L.LightningModule):
         self.nonfinite_steps = 0
         self._nonfinite_run = 0
         self._skip_update = False
+        self._engine_skip = False  # DeepSpeed: a step its engine must have skipped (non-finite loss)
         self._loss_flags: list[torch.Tensor] = []  # per micro-batch of the window: loss non-finite
         self._val_images: list[dict] = []
         # Frozen weights left out of checkpoints come back from the pretrained source.
@@ -142,12 +143,11 @@ class EvfSamModule(L.LightningModule):
 
     def image_features(self, batch: dict) -> dict[str, torch.Tensor]:
         """SAM image features of the batch's images: those of an embedding cache when the batch
-        carries `image_features` (bf16, cast to the weights' dtype), else the encoder's, run under
-        no-grad when it is frozen."""
+        carries `image_features` (bf16; the model casts them to its decoder's dtype), else the
+        encoder's, run under no-grad when it is frozen."""
         cached = batch.get("image_features")
         if cached is not None:
-            dtype = next(self.model.parameters()).dtype
-            return {k: v.to(dtype) for k, v in cached.items()}
+            return cached
         frozen = fully_frozen_modules(self.model)
         if frozen:
             with torch.no_grad():
@@ -199,6 +199,8 @@ class EvfSamModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._engine_skip:
+            self._confirm_engine_skip()
         every = self.cfg.trainer.log_every_n_steps
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.global_step % every or datamodule is None or not hasattr(datamodule, "data_stats_total"):
@@ -222,7 +224,6 @@ class EvfSamModule(L.LightningModule):
                 self._nonfinite_run = 0
                 continue
             self._skip_update = True
-            self.nonfinite_steps += 1
             self._nonfinite_run += 1
             log.warning("non-finite loss at step %d (%d in a row)", self.global_step, self._nonfinite_run)
             if self._nonfinite_run >= self.cfg.optim.max_nonfinite_steps:
@@ -240,11 +241,35 @@ class EvfSamModule(L.LightningModule):
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: over all shards
             self.log("train/grad_norm", norm, batch_size=1)
         if self._skip_update:
+            self._skip_update = False
+            if self._deepspeed_optimizer() is not None:
+                # DeepSpeed keeps the gradients in its own buffers: its engine skips a step whose
+                # gradients are not finite (overflow check, forced on in `DeepSpeedAnyDevice`);
+                # counted once the step has run and the engine confirms it (`_confirm_engine_skip`).
+                self._engine_skip = True
+                return
             # AdamW skips parameters without gradients: weights and optimizer state stay untouched.
             for p in self.model.parameters():
                 p.grad = None
-            self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
-            self._skip_update = False
+            self._count_skipped()
+
+    def _count_skipped(self) -> None:
+        self.nonfinite_steps += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps), batch_size=1)
+
+    def _deepspeed_optimizer(self):
+        """The ZeRO optimizer of a DeepSpeed run (None under any other strategy)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        engine = getattr(strategy, "deepspeed_engine", None) if strategy is not None else None
+        return engine.optimizer if engine is not None else None
+
+    def _confirm_engine_skip(self) -> None:
+        """After a DeepSpeed step that had a non-finite loss: the engine must have skipped it."""
+        self._engine_skip = False
+        if not getattr(self._deepspeed_optimizer(), "overflow", False):
+            raise NonFiniteLossError(f"DeepSpeed applied the optimizer step {self.global_step} although a loss was "
+                                     "non-finite (its gradient overflow check did not skip it)")
+        self._count_skipped()
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -364,14 +389,18 @@ class EvfSamModule(L.LightningModule):
         if self.tokenizer_files is not None:
             checkpoint[TOKENIZER_KEY] = self.tokenizer_files
         if not self.cfg.checkpoint.save_frozen:
-            state = checkpoint["state_dict"]
-            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
-            drop = [k for k in state if k.startswith("model.") and k[len("model."):] in self.frozen_names]
-            if any(k in trainable for k in drop):
+            # Frozen parameters and the buffers (constants of the pretrained source) stay out: they
+            # come back from their fp32 source on resume and in consolidation / export, never from
+            # the copy a strategy held (bf16 under DeepSpeed). DeepSpeed and FSDP2 write the
+            # remaining state themselves (`strategies.build_strategy`).
+            state = checkpoint.get("state_dict", {})
+            trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+            left_out = sorted(self.frozen_names | {n for n, _ in self.model.named_buffers()})
+            if trainable & set(left_out):
                 raise AssertionError("refusing to leave a trainable parameter out of the checkpoint")
-            for k in drop:
-                del state[k]
-            checkpoint["frozen_left_out"] = [k[len("model."):] for k in drop]
+            for name in left_out:
+                state.pop(f"model.{name}", None)
+            checkpoint["frozen_left_out"] = left_out
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("rng")
@@ -381,10 +410,9 @@ class EvfSamModule(L.LightningModule):
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(tuple(rng["python"][:1]) + (tuple(rng["python"][1]),) + tuple(rng["python"][2:]))
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
-        state = checkpoint.get("state_dict", {})
-        if checkpoint.get("frozen_left_out"):
-            left_out = {f"model.{n}" for n in checkpoint["frozen_left_out"]}
-            missing = [k for k in self.state_dict() if k not in state and k not in left_out
-                       and not k.startswith("val_iou")]
-            if missing:
-                raise ck.CheckpointError(f"checkpoint lacks trainable weights: {', '.join(missing[:10])}")
+        # DeepSpeed and FSDP2 load the weights themselves (no `state_dict` here) and refuse a
+        # checkpoint lacking a trainable weight in their `load_checkpoint` (strategies.py).
+        if checkpoint.get("frozen_left_out") and "state_dict" in checkpoint:
+            from evfsam_lightning.training.strategies import refuse_missing_trainable
+
+            refuse_missing_trainable(self, checkpoint["state_dict"], "being resumed")

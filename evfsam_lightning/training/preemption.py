@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from evfsam_lightning.training.callbacks import CompleteCheckpoint, is_complete, save_complete_checkpoint
+from evfsam_lightning.training.callbacks import is_complete, periodic_checkpoint, save_complete_checkpoint
 from evfsam_lightning.training.signals import (
     EXIT_PREEMPTED,
     EXIT_REQUEUED,
@@ -86,10 +86,9 @@ class PreemptionCheckpoint(Callback):
     def _save(self, trainer: L.Trainer) -> Path:
         # Through the periodic checkpoint when there is one: same name and rotation, so the
         # preemption checkpoint does not stay behind once the resumed run saves its next one.
-        for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, CompleteCheckpoint) and callback.monitor is None \
-                    and Path(callback.dirpath).resolve() == self.dirpath.resolve():
-                return callback.save_now(trainer)
+        periodic = periodic_checkpoint(trainer, self.dirpath)
+        if periodic is not None:
+            return periodic.save_now(trainer)
         path = self.dirpath / f"step-{trainer.global_step:08d}.ckpt"
         if not trainer.strategy.broadcast(is_complete(path), src=0):  # rank 0 decides: ranks save together
             save_complete_checkpoint(trainer, path)

@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import os
+import socket
 import tarfile
+import time
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -20,11 +22,18 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDM
 from evfsam_lightning.config import ConfigError, RunConfig, to_yaml
 from evfsam_lightning.training.callbacks import (
     CompleteCheckpoint,
+    DamagedCheckpoint,
+    DataPositionReset,
     FinalCheckpoint,
+    PeriodicCheckpoint,
     ProcessLayout,
+    StagedCheckpointIO,
     Throughput,
     atomic_write_text,
     find_resume_checkpoint,
+    is_complete,
+    remove_stale_staging,
+    verify_checkpoint,
 )
 from evfsam_lightning.training.peers import PeerTable
 from evfsam_lightning.training.preemption import PreemptionCheckpoint, preemption_exit_code, slurm_plugins
@@ -218,12 +227,21 @@ def resolve_precision(cfg: RunConfig) -> RunConfig:
 
 
 def resume_path(cfg: RunConfig) -> str | None:
+    """The checkpoint a run resumes from: `false` none; `auto` the newest complete checkpoint of
+    the run that verifies (a damaged one is skipped with a warning naming the file); a path as
+    given, verified against its marker when it has one (damaged: a ConfigError naming the file).
+    Only rank 0 calls it; the others take its choice (`_resume_chosen_by_rank_zero`)."""
     r = cfg.checkpoint.resume
     if r == "false":
         return None
     if r == "auto":
-        found = find_resume_checkpoint(cfg.run_dir / "checkpoints")
+        found = find_resume_checkpoint(cfg.run_dir / "checkpoints", verify=True)
         return str(found) if found else None
+    if is_complete(r):
+        try:
+            verify_checkpoint(r)
+        except DamagedCheckpoint as e:
+            raise ConfigError(f"checkpoint.resume={r}: {e}") from None
     return r
 
 
@@ -316,6 +334,110 @@ def save_logger_ids(cfg: RunConfig, trainer: L.Trainer) -> None:
         atomic_write_text(cfg.run_dir / LOGGER_IDS, json.dumps(ids, indent=1))
 
 
+def _resume_chosen_by_rank_zero(trainer: L.Trainer, cfg: RunConfig) -> None:
+    """Make the trainer load the checkpoint rank 0 chooses: Lightning asks for it (`resume_start`)
+    once the ranks are connected; rank 0 looks at the file system, every rank takes its answer (a
+    broadcast), so ranks that see the run directory differently (a checkpoint appearing, a network
+    file system's cache) still resume from the same checkpoint. An error is raised on every rank."""
+    connector = trainer._checkpoint_connector
+    original = connector.resume_start
+
+    def resume_start(checkpoint_path=None, weights_only=None):
+        choice, error = None, None
+        if trainer.is_global_zero:
+            try:
+                choice = resume_path(cfg)
+            except ConfigError as e:
+                error = str(e)
+            if not error:
+                print(f"  resuming from {choice}" if choice else "  starting from scratch", flush=True)
+        choice, error = trainer.strategy.broadcast((choice, error), src=0)
+        if error:
+            raise ConfigError(error)
+        return original(choice, weights_only)
+
+    connector.resume_start = resume_start
+
+
+def launch_rank(devices: int = 1) -> int:
+    """This process's global rank as its launcher set it, before the trainer connects the ranks
+    (torchrun: RANK; a Lightning-launched child: LOCAL_RANK > 0; srun: SLURM_PROCID; a node
+    started by hand: NODE_RANK x devices + LOCAL_RANK)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = os.environ
+    if env.get("RANK", "").isdigit():
+        return int(env["RANK"])
+    local = int(env.get("LOCAL_RANK", "0") or 0)
+    if local > 0:
+        return local
+    if SLURMEnvironment.detect() and env.get("SLURM_PROCID", "").isdigit():
+        return int(env["SLURM_PROCID"])
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")) or 0)
+    return node * devices + local
+
+
+class RunLock:
+    """One training process per run directory: rank 0 holds `<run_dir>/.lock` (an flock, which
+    the kernel drops when its holder dies, even by SIGKILL) and writes its host and PID into it.
+
+    A second run refuses at once naming the holder. A lock left by a dead holder is free and is
+    taken over with a message naming that holder. A requeued SLURM job whose previous incarnation
+    still appears to hold the lock (a network file system that has not yet noticed its death)
+    takes it over when the recorded SLURM job id is its own."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        holder = self._holder()
+        job = os.environ.get("SLURM_JOB_ID")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not (job and holder.get("slurm_job_id") == job):
+                os.close(fd)
+                who = f"host {holder.get('host', '?')}, PID {holder.get('pid', '?')}"
+                raise ConfigError(f"run directory {self.path.parent} is in use by another evfsam-train ({who}, "
+                                  f"lock {self.path}); wait for it to end, or use another name=") from None
+            print(f"run lock {self.path}: held by an earlier start of this SLURM job {job} "
+                  f"(host {holder.get('host')}, PID {holder.get('pid')}); taking it over", flush=True)
+        else:
+            if holder.get("pid"):
+                print(f"run lock {self.path}: taking over the stale lock of host {holder.get('host')}, "
+                      f"PID {holder.get('pid')} (that process is gone)", flush=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job, "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # a clean end leaves no holder to report as stale
+        finally:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     from evfsam_lightning.training.strategies import build_strategy
 
@@ -323,12 +445,12 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     ckpt_dir = cfg.run_dir / "checkpoints"
     accumulate = cfg.accumulate_grad_batches
     callbacks = [
-        CompleteCheckpoint(dirpath=ckpt_dir, filename="step-{step:08d}", auto_insert_metric_name=False,
-                           every_n_train_steps=cfg.checkpoint.every_n_steps, save_top_k=1, save_last=False),
+        PeriodicCheckpoint(ckpt_dir, every_n_steps=cfg.checkpoint.every_n_steps, keep_last=cfg.checkpoint.keep_last),
         FinalCheckpoint(ckpt_dir),
         PreemptionCheckpoint(ckpt_dir),
         Throughput(t.global_batch_size, t.log_every_n_steps),
         ProcessLayout(),
+        DataPositionReset(),
         PeerTable(),
         *extra_callbacks,
     ]
@@ -352,7 +474,8 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         val_check_interval=val_every, check_val_every_n_epoch=None, num_sanity_val_steps=0,
         limit_val_batches=t.limit_val_batches or None, enable_progress_bar=cfg.logging.progress_bar,
         default_root_dir=str(cfg.run_dir), logger=loggers or False, callbacks=callbacks, use_distributed_sampler=False,
-        deterministic=t.deterministic, enable_checkpointing=True, plugins=slurm_plugins(),
+        deterministic=t.deterministic, enable_checkpointing=True,
+        plugins=[*slurm_plugins(), StagedCheckpointIO()],
     )
 
 
@@ -370,13 +493,25 @@ def silence_known_warnings() -> None:
 
 
 def train(cfg: RunConfig) -> L.Trainer:
-    """Run (or resume) training; returns the trainer after fit."""
+    """Run (or resume) training; returns the trainer after fit. The rank-0 process holds the run
+    directory's lock (`RunLock`) for the whole run."""
+    preflight(cfg)  # every file the run needs, before anything is built or written
+    lock = RunLock(cfg.run_dir) if launch_rank(cfg.trainer.devices) == 0 else None
+    if lock is None:
+        return _train(cfg, holds_lock=False)
+    with lock:
+        return _train(cfg, holds_lock=True)
+
+
+def _train(cfg: RunConfig, holds_lock: bool) -> L.Trainer:
     from evfsam_lightning.data.datamodule import EvfDataModule
     from evfsam_lightning.data.embedding_cache import EmbeddingCacheError
     from evfsam_lightning.training.module import EvfSamModule, model_size
 
-    preflight(cfg)  # every file the run needs, before anything is built
     silence_known_warnings()
+    if holds_lock:  # what a killed save left behind; no save of this run can be under way now
+        for path in remove_stale_staging(cfg.run_dir / "checkpoints"):
+            print(f"removed {path}, left by an interrupted checkpoint save", flush=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     cfg = resolve_precision(resolve_pretrained(cfg))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -384,6 +519,7 @@ def train(cfg: RunConfig) -> L.Trainer:
         datamodule = EvfDataModule(data_config(cfg, model_size(cfg.model)))
     except EmbeddingCacheError as e:
         raise ConfigError(f"data.embedding_cache: {e}") from None
+    datamodule.reset_data_position = cfg.checkpoint.reset_data_position
     cfg = resolve_epochs(cfg, datamodule.config)
     config_dict = _as_dict(cfg)
     module = EvfSamModule(config_dict, val_sources=[s.name for s in datamodule.config.val_sources],
@@ -392,7 +528,6 @@ def train(cfg: RunConfig) -> L.Trainer:
     if trainer.is_global_zero:
         atomic_write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))
         save_logger_ids(cfg, trainer)
-    ckpt = resume_path(cfg)
     if trainer.is_global_zero:
         print(f"run directory: {cfg.run_dir.resolve()}")
         print(f"  checkpoints: {(cfg.run_dir / 'checkpoints').resolve()}")
@@ -402,8 +537,8 @@ def train(cfg: RunConfig) -> L.Trainer:
                 "wandb": f"{(cfg.run_dir / 'wandb').resolve()} (WANDB_MODE={os.environ.get('WANDB_MODE', 'online')})"}
         for name in active_loggers(cfg):
             print(f"  {name}: {logs[name]}")
-        print(f"  resuming from {ckpt}" if ckpt else "  starting from scratch")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    _resume_chosen_by_rank_zero(trainer, cfg)
+    trainer.fit(module, datamodule=datamodule)
     if trainer.is_global_zero:
         _print_summary(cfg, trainer)
     return trainer

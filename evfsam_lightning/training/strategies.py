@@ -20,6 +20,31 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelPa
 from evfsam_lightning.config import RunConfig
 
 
+def refuse_missing_trainable(module: torch.nn.Module, saved_keys, source) -> None:
+    """Raise `CheckpointError` naming the trainable parameters of `module` (a LightningModule: keys
+    `model.*`) that a checkpoint's saved keys lack. Frozen weights may be absent
+    (`checkpoint.save_frozen=false`): they come back from their pretrained source."""
+    from evfsam_lightning.models.checkpoints import CheckpointError
+
+    saved = set(saved_keys)
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in saved]
+    if missing:
+        raise CheckpointError(f"checkpoint {source} lacks trainable weights: {', '.join(missing[:10])}"
+                              + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
+
+
+def deepspeed_module_keys(checkpoint_dir: str | Path) -> set[str]:
+    """The module keys a DeepSpeed checkpoint directory saved (from its first model-states file)."""
+    folder = Path(checkpoint_dir)
+    tag = (folder / "latest").read_text().strip() if (folder / "latest").is_file() else "checkpoint"
+    files = sorted((folder / tag).glob("*model_states.pt"))
+    if not files:
+        from evfsam_lightning.models.checkpoints import CheckpointError
+
+        raise CheckpointError(f"{folder / tag}: no DeepSpeed model-states file")
+    return set(torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)["module"])
+
+
 class DeepSpeedAnyDevice(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy, usable on CPU (gloo) as well as CUDA."""
 
@@ -40,17 +65,41 @@ class DeepSpeedAnyDevice(DeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        """DeepSpeed's load, after refusing (before anything is loaded) a checkpoint that lacks a
+        trainable weight. With `exclude_frozen_parameters` the frozen ones are absent and keep the
+        values the module was built with: their fp32 pretrained source."""
+        refuse_missing_trainable(self.lightning_module, deepspeed_module_keys(checkpoint_path), checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only)
+
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         if not self._on_cpu():
-            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
-        import deepspeed
+            engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        else:
+            import deepspeed
 
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank),  # CPU devices have no index
-            config=self.config, model=model, model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
-            optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False,
-        )
+            engine, ds_optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank),  # CPU devices have no index
+                config=self.config, model=model,
+                model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+                optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False,
+            )
+        require_overflow_check(ds_optimizer)
         return engine, ds_optimizer
+
+
+def require_overflow_check(ds_optimizer) -> None:
+    """Make the ZeRO optimizer skip any step whose gradients are not finite, in every precision:
+    fp16 and bf16 check already (bf16 unless its JSON turns `check_grad_overflow` off), ZeRO-3
+    tests its gradient norm, but fp32 ZeRO-1/2 would apply NaN. A non-finite loss then leaves
+    weights and optimizer state untouched (the module confirms and counts it after the step)."""
+    if hasattr(ds_optimizer, "check_grad_overflow"):
+        ds_optimizer.check_grad_overflow = True
+    elif not hasattr(ds_optimizer, "overflow"):
+        from evfsam_lightning.config import ConfigError
+
+        raise ConfigError(f"strategy.deepspeed_config: its optimizer ({type(ds_optimizer).__name__}) cannot skip "
+                          "a step with non-finite gradients; use ZeRO stage 1, 2 or 3")
 
 
 #: Parameters that `EvfSam.forward` reads outside their own module's forward (a module's `.weight`
@@ -104,6 +153,46 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     return config
 
 
+class FrozenAwareModelParallel(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy (FSDP2) that also resumes from a distributed checkpoint
+    written with `checkpoint.save_frozen=false`: only the tensors the checkpoint holds are read (the
+    frozen ones keep their pretrained values), after refusing one that lacks a trainable weight."""
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        meta_file = path / "meta.pt"
+        if not path.is_dir() or not meta_file.is_file():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        metadata = torch.load(meta_file, map_location="cpu", weights_only=True)
+        if not metadata.get("frozen_left_out"):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        prefix = "state_dict."
+        saved = {k[len(prefix):] for k in FileSystemReader(str(path)).read_metadata().state_dict_metadata
+                 if k.startswith(prefix)}
+        refuse_missing_trainable(self.lightning_module, saved, path)
+        module = self.model
+        state = {k: v for k, v in get_model_state_dict(module).items() if k in saved}
+        dcp_load({"state_dict": state}, checkpoint_id=path)
+        set_model_state_dict(module, state, options=StateDictOptions(strict=False))
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+            dcp_load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=optim_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return metadata
+
+
 def build_strategy(cfg: RunConfig) -> Strategy | str:
     name = cfg.strategy.name
     if name == "auto":
@@ -111,9 +200,10 @@ def build_strategy(cfg: RunConfig) -> Strategy | str:
     if name == "ddp":
         return DDPStrategy(find_unused_parameters=False)
     if name == "deepspeed":
-        return DeepSpeedAnyDevice(config=deepspeed_config(cfg))
+        # save_frozen=false: DeepSpeed itself leaves the frozen weights out of its model states.
+        return DeepSpeedAnyDevice(config=deepspeed_config(cfg), exclude_frozen_parameters=not cfg.checkpoint.save_frozen)
     if name == "fsdp":
-        return ModelParallelStrategy(data_parallel_size=cfg.world_size, tensor_parallel_size=1,
+        return FrozenAwareModelParallel(data_parallel_size=cfg.world_size, tensor_parallel_size=1,
                                      save_distributed_checkpoint=True)
     raise ValueError(f"strategy.name={name!r} is not supported")
 

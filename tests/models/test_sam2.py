@@ -121,8 +121,16 @@ def test_full_size_reference_keys_round_trip():
 def test_memory_tensors_survive_load_export_load(tmp_path, fixture_model, reference_weights):
     video = {k: v for k, v in reference_weights.items() if k.startswith(VIDEO_PREFIXES)}
     assert len(video) == 105
-    trainable = {n for n, _ in fixture_model.named_parameters()}
-    assert not any(n.startswith("visual_model.video_memory.") for n in trainable)
+    # The memory modules are real modules now (the video tracker runs them), and never trained.
+    from evfsam_lightning.training.trainable import apply_trainable
+
+    memory = [n for n, _ in fixture_model.named_parameters() if n.startswith("visual_model.video_memory.")]
+    assert len(memory) == 105
+    for mode in ("frozen_image_encoder", "full"):
+        sets = apply_trainable(fixture_model, "sam2", mode)
+        assert not any(n.startswith("visual_model.video_memory.") for n in sets["trainable"])
+        with pytest.raises(ValueError, match="never used"):
+            apply_trainable(fixture_model, "sam2", mode, unfreeze=["visual_model.video_memory."])
 
     out = export_reference(fixture_model, tmp_path / "export")
     exported = load_file(str(out / "model.safetensors"))

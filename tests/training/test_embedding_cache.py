@@ -60,7 +60,9 @@ def test_loss_with_cached_features_equals_the_live_one(synthetic_dir, cache_dir)
     with torch.no_grad():
         live_features = module.image_features(live)
         cached_features = module.image_features(cached)
-        torch.testing.assert_close(cached_features["image_embeddings"], live_features["image_embeddings"],
+        # bf16 as stored: the model casts them to its decoder's dtype (`EvfSam.decoder_inputs`).
+        assert cached_features["image_embeddings"].dtype == torch.bfloat16
+        torch.testing.assert_close(cached_features["image_embeddings"].float(), live_features["image_embeddings"],
                                    rtol=2 ** -8, atol=1e-5)  # bf16 rounding of the stored features
         live_loss = module.forward_losses(live, live_features)[2]["loss"]
         cached_loss = module.forward_losses(cached, cached_features)[2]["loss"]
@@ -130,7 +132,8 @@ def test_sam2_cache_holds_every_image_feature_and_gives_the_live_loss(synthetic_
     with torch.no_grad():
         live_features, cached_features = module.image_features(live), module.image_features(cached)
         for name, value in live_features.items():
-            torch.testing.assert_close(cached_features[name], value, rtol=2 ** -8, atol=1e-5)
+            assert cached_features[name].dtype == torch.bfloat16  # cast by the model (EvfSam.decoder_inputs)
+            torch.testing.assert_close(cached_features[name].float(), value, rtol=2 ** -8, atol=1e-5)
         losses = [module.forward_losses(b, f)[2]["loss"] for b, f in ((live, live_features), (cached, cached_features))]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-4)
 
