@@ -52,6 +52,11 @@ class ModelConfig:
                                "checkpoint keys unchanged); the first steps compile")
     lora: LoraConfig = doc(help="parameter-efficient fine-tuning (exported merged into plain weights)",
                            factory=LoraConfig)
+    # -- no-target decision (docs/no_target.md) --
+    presence_head: bool = doc(False, "add a presence head on the fused BEiT-3 feature: a target/no-target score per "
+                                     "expression (off: the reference model exactly)")
+    presence_threshold: float = doc(0.5, "presence probability below which an expression gets 'no target' (an empty "
+                                         "mask); stored with checkpoints and exports")
 
 
 @dataclass
@@ -82,6 +87,8 @@ class DataConfig:
                                                 "sentences (EVF-SAM's way: distinct sentences from all sentences "
                                                 "of all its objects, each with its object's mask) or objects "
                                                 "(distinct objects, one random sentence each)")
+    negatives_per_image: int = doc(0, "training: up to this many no-target expressions per image, naming categories "
+                                      "of the source's vocabulary.json absent from the image (0: off)")
     max_text_length: int = doc(64, "tokens per expression, </s> included")
     mixing: str = doc("sample", "sample: sources mixed per sample; batch: each batch from one source")
     samples_per_epoch: int = doc(0, "training images per epoch over all ranks (0: one pass of the mixture)")
@@ -108,6 +115,7 @@ class OptimConfig:
     bce_weight: float = doc(2.0, "weight of the BCE part of the mask loss")
     dice_weight: float = doc(0.5, "weight of the Dice part of the mask loss")
     max_nonfinite_steps: int = doc(20, "stop after this many consecutive non-finite losses")
+    presence_weight: float = doc(1.0, "weight of the presence head's BCE term (with model.presence_head)")
 
 
 @dataclass
@@ -222,10 +230,10 @@ _AT_LEAST = {  # key: smallest allowed value
     "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.grad_clip": 0, "optim.bce_weight": 0,
     "optim.dice_weight": 0, "optim.max_nonfinite_steps": 1, "trainer.val_every_n_steps": 0,
     "trainer.log_every_n_steps": 1, "trainer.limit_val_batches": 0, "checkpoint.every_n_steps": 0,
-    "checkpoint.keep_top_k": 0, "logging.val_images": 0,
+    "checkpoint.keep_top_k": 0, "logging.val_images": 0, "data.negatives_per_image": 0, "optim.presence_weight": 0,
 }
 _POSITIVE = ("optim.lr", "optim.eps", "model.lora.alpha")
-_FRACTION = ("optim.min_lr_ratio",)  # in [0, 1]
+_FRACTION = ("optim.min_lr_ratio", "model.presence_threshold")  # in [0, 1]
 
 
 def _check_ranges(cfg: RunConfig) -> None:

@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", help="write the results as JSON (--benchmark: default <benchmark>-benchmark.json, "
                                  "and a Markdown table beside it)")
+    p.add_argument("--presence-threshold", type=float, default=None,
+                   help="with a presence head: 'no target' below this probability (default: the checkpoint's)")
     args = p.parse_args(argv)
+    if args.presence_threshold is not None and not 0 <= args.presence_threshold <= 1:
+        p.error(f"--presence-threshold {args.presence_threshold} must be in [0, 1]")
     for option in ("devices", "batch_size"):
         if getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} {getattr(args, option)} must be at least 1")
@@ -188,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     from evfsam_lightning.training.loading import load_for_inference, tokenizer_folder
 
     model, tokenizer = load_for_inference(args.checkpoint)
+    if args.presence_threshold is not None:
+        if model.presence_head is None:
+            p.error(f"--presence-threshold: {args.checkpoint} has no presence head")
+        model.presence_head.threshold.fill_(args.presence_threshold)
     cfg = model.config
     with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
         data = DataConfig(test_sources=[SourceConfig(n, u) for n, u in splits], tokenizer=str(tok_dir),

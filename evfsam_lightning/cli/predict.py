@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logits", help="also save the raw logits (.npy)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     p.add_argument("--demo", action="store_true", help="tiny random model + generated image (smoke test)")
+    p.add_argument("--presence-threshold", type=float, default=None,
+                   help="with a presence head: 'no target' (empty mask) below this presence probability "
+                        "(default: the one stored with the checkpoint)")
     args = p.parse_args(argv)
+    if args.presence_threshold is not None and not 0 <= args.presence_threshold <= 1:
+        raise UserError(f"--presence-threshold {args.presence_threshold} must be in [0, 1]")
 
     if args.text is not None and not args.text.strip():
         raise UserError("--text is empty (give the referring expression, e.g. --text \"the dog on the left\")")
@@ -113,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     from evfsam_lightning.training.loading import load_for_inference
 
     model, tokenizer = load_for_inference(ckpt, device)
-    logits = model.predict(image, text, tokenizer).float().cpu()
+    if args.presence_threshold is not None:
+        if model.presence_head is None:
+            raise UserError(f"--presence-threshold: {ckpt} has no presence head (train with model.presence_head=true)")
+        model.presence_head.threshold.fill_(args.presence_threshold)
+    logits, score = model.predict(image, text, tokenizer, return_presence=True)
+    logits = logits.float().cpu()
     mask = (logits > 0).numpy()
     Image.fromarray(mask.astype(np.uint8) * 255).save(out)
     if args.overlay:
@@ -122,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(overlay(image, mask)).save(args.overlay)
     if args.logits:
         np.save(args.logits, logits.numpy())
-    print(f"{text!r}: {int(mask.sum())} of {mask.size} pixels ({mask.mean():.1%}) -> {out}")
+    if score is not None and score < float(model.presence_head.threshold):
+        print(f"{text!r}: no target (presence {score:.3f} < threshold {float(model.presence_head.threshold):.3f}): "
+              f"empty mask -> {out}")
+        return 0
+    presence = f", presence {score:.3f}" if score is not None else ""
+    print(f"{text!r}: {int(mask.sum())} of {mask.size} pixels ({mask.mean():.1%}){presence} -> {out}")
     return 0
 
 

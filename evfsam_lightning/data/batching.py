@@ -43,6 +43,7 @@ An eval batch may hold fewer than B images (or none) when samples are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -55,7 +56,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .embedding_cache import EmbeddingCache
 from .mixing import Mixer, sample_rng
 from .pillow_resize import resize_bilinear
-from .schema import Sample, SampleError
+from .schema import Sample, SampleError, SampleObject
 from .stream import DataError, SkipLog, SourceReader, decode, iter_shard
 from .tokenizer import load_tokenizer, tokenize
 from .transforms import beit3_preprocess, normalise_sam_pixels, sam_input_hw, sam_input_uint8
@@ -103,6 +104,43 @@ def pick_objects(sample: Sample, rng: np.random.Generator, k: int) -> list[tuple
     n = len(sample.objects)
     chosen = sorted(int(i) for i in rng.choice(n, size=min(k, n), replace=False))
     return [(i, int(rng.integers(len(sample.objects[i].expressions)))) for i in chosen]
+
+
+VOCABULARY_FILE = "vocabulary.json"
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The category names a source's converter recorded (`vocabulary.json` beside `sizes.json`:
+    {"template": "[semantic] {}", "names": [...]}); `template` turns a name into an expression."""
+
+    names: tuple[str, ...] = ()
+    template: str = "{}"
+
+    def absent(self, sample: Sample) -> list[str]:
+        """The names that occur in none of the image's target objects (category, id, expressions;
+        whole words, case-insensitive), in vocabulary order."""
+        import re
+
+        text = " \n ".join(" \n ".join([str(o.category or ""), str(o.id or ""), *o.expressions]).lower()
+                           for o in sample.objects if not o.no_target)
+        return [n for n in self.names if not re.search(r"(?<!\w)" + re.escape(n.lower()) + r"(?!\w)", text)]
+
+
+def add_negatives(sample: Sample, picks: list[tuple[int, int]], vocabulary: Vocabulary, k: int,
+                  rng: np.random.Generator) -> tuple[Sample, list[tuple[int, int]]]:
+    """Up to k no-target objects (all-zero mask, one expression naming an absent category), drawn
+    with `rng` after the picks (so the stream stays a function of (seed, rank, batch, slot))."""
+    absent = vocabulary.absent(sample) if k > 0 else []
+    if not absent:
+        return sample, picks
+    chosen = sorted(int(i) for i in rng.choice(len(absent), size=min(k, len(absent)), replace=False))
+    zeros = np.zeros((sample.height, sample.width), dtype=np.uint8)
+    extra = [SampleObject([vocabulary.template.format(absent[i])], zeros, category=absent[i], no_target=True)
+             for i in chosen]
+    n = len(sample.objects)
+    sample = dataclasses.replace(sample, objects=[*sample.objects, *extra])
+    return sample, [*picks, *((n + j, 0) for j in range(len(extra)))]
 
 
 def pick_sentences(sample: Sample, rng: np.random.Generator, k: int) -> list[tuple[int, int]]:
@@ -235,6 +273,7 @@ class TrainSource:
     name: str
     urls: tuple[str, ...]
     weight: float
+    vocabulary: Vocabulary = Vocabulary()
 
 
 @dataclass
@@ -263,7 +302,7 @@ class TrainStream(IterableDataset):
                  world_size: int, num_workers: int, seed: int, mixing: str, batches_per_epoch: int,
                  max_expressions_per_image: int, buffer_size: int, block_shards: int, strict: bool,
                  position: StreamPosition, embedding_cache: EmbeddingCache | None = None,
-                 expression_sampling: str = "sentences"):
+                 expression_sampling: str = "sentences", negatives_per_image: int = 0):
         if expression_sampling not in EXPRESSION_SAMPLING:
             raise ValueError(f"expression_sampling {expression_sampling!r} not in {EXPRESSION_SAMPLING}")
         if batches_per_epoch < 1 or batch_size < 1:
@@ -278,6 +317,7 @@ class TrainStream(IterableDataset):
         self.position = position
         self.embedding_cache = embedding_cache
         self.expression_sampling = expression_sampling
+        self.negatives = negatives_per_image
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -311,7 +351,8 @@ class TrainStream(IterableDataset):
 
         for g in range(first, end, self.workers):
             plan = self.mixer.sources(self.rank, g, self.batch_size)
-            examples = [self._example(reader(int(s)), sample_rng(self.seed, self.rank, g, slot), skips)
+            examples = [self._example(reader(int(s)), sample_rng(self.seed, self.rank, g, slot), skips,
+                                      self.sources[int(s)].vocabulary)
                         for slot, s in enumerate(plan)]
             batch = collate(examples, self.prep)
             batch["data_stats"] = stats(len(examples), skips.take())
@@ -321,7 +362,8 @@ class TrainStream(IterableDataset):
             }
             yield batch
 
-    def _example(self, reader: SourceReader, rng: np.random.Generator, skips: SkipLog) -> dict[str, Any]:
+    def _example(self, reader: SourceReader, rng: np.random.Generator, skips: SkipLog,
+                 vocabulary: Vocabulary = Vocabulary()) -> dict[str, Any]:
         for _ in range(MAX_CONSECUTIVE_SKIPS):
             raw = reader.next()
             try:
@@ -333,6 +375,8 @@ class TrainStream(IterableDataset):
             if self.embedding_cache is not None:
                 features = self.embedding_cache.features(reader.name, raw["__url__"], sample.key)
             picks = pick_expressions(sample, rng, self.k, self.expression_sampling)
+            if self.negatives:
+                sample, picks = add_negatives(sample, picks, vocabulary, self.negatives, rng)
             return make_example(sample, image, picks, self.prep, reader.name, features)
         raise DataError("too_many_skips", f"source {reader.name}: {MAX_CONSECUTIVE_SKIPS} samples in a row "
                                           f"failed to decode (see the warnings above)")

@@ -71,6 +71,9 @@ class ConversionPlan:
     items: list[WorkItem]
     splits: list[str]
     skipped: list[Skip] = field(default_factory=list)
+    vocabulary: dict[str, Any] | None = None
+    """{"template", "names"}: the source's category vocabulary, written as `vocabulary.json` into
+    every split folder (no-target negatives, docs/no_target.md)."""
 
 
 def hash_split(image_file: str, val_fraction: float, seed: int = 0) -> str:
@@ -146,6 +149,7 @@ def convert(plan: ConversionPlan, out_dir: str | Path, *, workers: int = 1, shar
         skips.extend(new)
 
     writers: dict[str, ShardWriter] = {}
+    vocabulary = _VocabularyCollector(plan.task)
     try:
         note(plan.skipped)
         for split in plan.splits:
@@ -159,6 +163,7 @@ def convert(plan: ConversionPlan, out_dir: str | Path, *, workers: int = 1, shar
                 note(item_skips)
                 if members is not None:
                     writers[item.split].write_encoded(members)
+                    vocabulary.add(members)
                 bar.update(1)
         finally:
             bar.close()
@@ -169,10 +174,41 @@ def convert(plan: ConversionPlan, out_dir: str | Path, *, workers: int = 1, shar
             w.abort()
         raise
 
+    found = plan.vocabulary if plan.vocabulary is not None else vocabulary.result()
+    if found is not None:
+        for split in plan.splits:
+            write_json_atomic(out_dir / split / "vocabulary.json", found)
     report = _report(plan, sizes, skips)
     write_json_atomic(out_dir / REPORT_FILE, report)
     print_report(report, file=sys.stdout)
     return report
+
+
+class _VocabularyCollector:
+    """The category names of a category-labelled source (semantic, part, instance data), from the
+    written records, with the expression template they use (`[semantic] {}` or `{}`); referring
+    data records none (its categories are not what its expressions name)."""
+
+    def __init__(self, task: str):
+        self.active = task != "referring"
+        self.names: dict[str, None] = {}
+        self.semantic = False
+
+    def add(self, members: dict[str, Any]) -> None:
+        if not self.active or "json" not in members:
+            return
+        import json
+
+        for obj in json.loads(members["json"]).get("objects", []):
+            category = obj.get("category")
+            if category and not obj.get("no_target"):
+                self.names.setdefault(str(category), None)
+                self.semantic = self.semantic or f"[semantic] {category}" in obj.get("expressions", [])
+
+    def result(self) -> dict[str, Any] | None:
+        if not self.names:
+            return None
+        return {"template": "[semantic] {}" if self.semantic else "{}", "names": sorted(self.names)}
 
 
 def _report(plan: ConversionPlan, sizes: dict[str, dict], skips: list[Skip]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -45,11 +46,13 @@ from .batching import (
     EXPRESSION_SAMPLING,
     SAM_RESIZE_PLACES,
     SAM_VARIANTS,
+    VOCABULARY_FILE,
     EvalStream,
     Preprocessing,
     StreamPosition,
     TrainSource,
     TrainStream,
+    Vocabulary,
     cached_tokenizer,
     finish_batch,
 )
@@ -60,6 +63,33 @@ from .stream import SkipLog, expand_urls, iter_shard, missing_local_shards, shar
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
+
+
+def read_vocabulary(name: str, urls: list[str]) -> Vocabulary:
+    """The `vocabulary.json` files beside a source's local shards, merged (names in first-seen order)."""
+    import json
+
+    names: list[str] = []
+    template = None
+    for folder in dict.fromkeys(os.path.dirname(u) for u in urls if "://" not in u and not u.startswith("pipe:")):
+        path = os.path.join(folder, VOCABULARY_FILE)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            new, tpl = list(data["names"]), str(data.get("template", "{}"))
+            tpl.format("x")
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"source {name}: {path} is not a vocabulary ({{\"template\", \"names\"}}): {e}") from None
+        if template is not None and tpl != template:
+            raise ValueError(f"source {name}: {path} has template {tpl!r}, another folder {template!r}")
+        template = tpl
+        names += [str(n) for n in new if str(n) not in names]
+    if not names:
+        log.warning("source %s: no %s beside its shards: no negatives drawn from it (data.negatives_per_image)",
+                    name, VOCABULARY_FILE)
+    return Vocabulary(tuple(names), template or "{}")
 
 @dataclass
 class SourceConfig:
@@ -94,6 +124,9 @@ class DataConfig:
     """How training draws a referring image's expressions: "sentences" (EVF-SAM's way: distinct
     sentences drawn from all sentences of all the image's objects, each with its object's mask) or
     "objects" (distinct objects, one random sentence each). Other tasks always draw objects."""
+    negatives_per_image: int = 0
+    """Training: up to this many no-target expressions per image from the source's vocabulary.json
+    (categories absent from the image); sources without one get none (warned)."""
     sam_image_size: int = 1024
     """SAM input size S."""
     sam_variant: str = "sam"
@@ -320,7 +353,8 @@ class EvfDataModule(L.LightningDataModule):
                                         f"first {missing[0]}")
             sizes = shard_sizes(urls, src.sizes)
             total = None if total is None or sizes is None else total + sum(sizes)
-            train.append(TrainSource(src.name, tuple(urls), float(src.weight)))
+            vocabulary = read_vocabulary(src.name, urls) if cfg.negatives_per_image else Vocabulary()
+            train.append(TrainSource(src.name, tuple(urls), float(src.weight), vocabulary))
         samples = cfg.samples_per_epoch if cfg.samples_per_epoch is not None else total
         if samples is None:
             raise ValueError("data.samples_per_epoch: set it, or give every training source a sizes.json")
@@ -349,7 +383,8 @@ class EvfDataModule(L.LightningDataModule):
                            max_expressions_per_image=cfg.max_expressions_per_image,
                            buffer_size=cfg.shuffle_buffer, block_shards=cfg.shuffle_shards, strict=cfg.strict,
                            position=self.position, embedding_cache=self._embedding_cache,
-                           expression_sampling=cfg.expression_sampling)
+                           expression_sampling=cfg.expression_sampling,
+                           negatives_per_image=cfg.negatives_per_image)
 
     def train_dataloader(self) -> DataLoader:
         # Workers restart every epoch (not persistent) so that each starts from the consumed position.
@@ -416,6 +451,7 @@ class EvfDataModule(L.LightningDataModule):
             "seed": cfg.seed, "mixing": cfg.mixing, "batches_per_epoch": self.batches_per_epoch,
             "max_expressions_per_image": cfg.max_expressions_per_image, "shuffle_buffer": cfg.shuffle_buffer,
             "shuffle_shards": cfg.shuffle_shards,
+            **({"negatives_per_image": cfg.negatives_per_image} if cfg.negatives_per_image else {}),
             "sources": [[s.name, s.weight, len(s.urls)] for s in self._train or []],
         })
 

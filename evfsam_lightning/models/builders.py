@@ -106,10 +106,12 @@ def build_backbone(cfg: EvfSamConfig):
 
 
 def build_model(config: str | dict | EvfSamConfig, device: str | torch.device | None = None,
-                gradient_checkpointing: bool = False) -> EvfSam:
-    """Build an `EvfSam` with freshly initialised weights; `device="meta"` builds without memory."""
+                gradient_checkpointing: bool = False, presence_head: bool = False) -> EvfSam:
+    """Build an `EvfSam` with freshly initialised weights; `device="meta"` builds without memory.
+    `presence_head` adds the optional no-target head (not part of the reference model)."""
     cfg = model_config(config)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = EvfSam(beit3=Beit3(cfg.beit3, gradient_checkpointing), visual_model=build_backbone(cfg))
+        model = EvfSam(beit3=Beit3(cfg.beit3, gradient_checkpointing), visual_model=build_backbone(cfg),
+                       presence_head=presence_head)
     model.config = cfg
     return model

@@ -31,7 +31,12 @@ SUBSETS = {
     "beit3": ("mm_extractor.",),
     "projector": ("text_hidden_fcs.",),
     "sam_image_encoder": ("visual_model.vision_encoder.",),
+    "presence": ("presence_head.",),
 }
+#: The optional presence head's file in an export folder (not part of the official layout): its
+#: tensors under our key names (`presence_head.mlp.*`), the threshold in the metadata too.
+PRESENCE_FILE = "presence_head.safetensors"
+PRESENCE_PREFIX = "presence_head."
 
 
 class CheckpointError(RuntimeError):
@@ -268,8 +273,12 @@ def load_reference_folder(folder: str | os.PathLike, device: str | torch.device 
         tokenizer = load_tokenizer(folder)
     # Built on the meta device, the model takes the file's tensors as its own (load_into's assign):
     # one copy of the weights in memory, not an initialised model plus the file's tensors.
-    model = build_model(cfg, device="meta")
-    load_reference_weights(model, weights, assign=True)
+    has_presence = (folder / PRESENCE_FILE).is_file()  # ours only (the presence head), see export_reference
+    model = build_model(cfg, device="meta", presence_head=has_presence)
+    load_reference_weights(model, weights, assign=True, allow_missing=("presence",) if has_presence else ())
+    if has_presence:
+        model.presence_head.to_empty(device="cpu")
+        load_presence_head(model, folder / PRESENCE_FILE)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{folder}: the weights leave {len(left)} tensors unset: {', '.join(left[:10])}")
@@ -312,6 +321,41 @@ def write_tokenizer_config(folder: str | os.PathLike) -> None:
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
+def save_presence_head(model: nn.Module, path: str | os.PathLike) -> None:
+    """The presence head's tensors (and its threshold, also as metadata) to a safetensors file."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()
+             if k.startswith(PRESENCE_PREFIX)}
+    threshold = float(model.presence_head.threshold)
+    save_file(state, str(path), metadata={"format": "pt", "threshold": repr(threshold),
+                                          "about": "evfsam_lightning presence head (docs/no_target.md)"})
+
+
+def load_presence_head(model: nn.Module, path: str | os.PathLike) -> float:
+    """Load a `PRESENCE_FILE` into `model.presence_head`; returns the threshold."""
+    if getattr(model, "presence_head", None) is None:
+        raise CheckpointError(f"{path}: the model has no presence head to load it into")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    own = {k for k in model.state_dict() if k.startswith(PRESENCE_PREFIX)}
+    if set(state) != own:
+        raise CheckpointError(f"{path}: presence head keys {sorted(state)} do not match the model's {sorted(own)}")
+    if "threshold" in meta:
+        state[PRESENCE_PREFIX + "threshold"] = torch.tensor(float(meta["threshold"]))
+    load_into(model, state, source=str(path), allow_missing=("beit3", "projector", "sam"))
+    return float(model.presence_head.threshold)
+
+
+def official_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under the official key names, without what the reference model lacks
+    (the presence head, which an export writes to `PRESENCE_FILE`)."""
+    return {k: v for k, v in to_reference(model, model.state_dict()).items() if not k.startswith(PRESENCE_PREFIX)}
+
+
 def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                      dtype: torch.dtype | None = None, extra_state: Mapping[str, torch.Tensor] | None = None,
                      extra_files: Mapping[str, str] | None = None) -> Path:
@@ -324,7 +368,7 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
     out_dir = Path(out_dir)
     if any(k.endswith((".lora_a", ".lora_b")) for k in model.state_dict()):
         raise CheckpointError("the model has unmerged LoRA layers: merge them first (models.lora.merge_lora)")
-    state = to_reference(model, model.state_dict())
+    state = official_state(model)
     if extra_state:
         state.update(extra_state)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
@@ -347,6 +391,8 @@ def export_reference(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir
             "evfsam_lightning": {"model": cfg.to_dict()},
         }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if getattr(model, "presence_head", None) is not None:  # ours only: the official code never opens it
+            save_presence_head(model, tmp / PRESENCE_FILE)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name

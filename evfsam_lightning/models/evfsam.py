@@ -3,6 +3,11 @@ CLS position), projected to the prompt width, prompts the SAM mask decoder.
 
 Parameter names follow the official checkpoints: `mm_extractor.beit3.*`, `text_hidden_fcs.0.*`,
 `visual_model.*` (the SAM part, renamed by the backbone where it uses transformers' modules).
+
+Optional (`presence_head=True`, docs/no_target.md): `presence_head.*`, a small MLP on the same
+fused feature giving one target/no-target logit per expression, with its decision threshold as a
+buffer. It is not part of the reference model: the official-layout export leaves it out and writes
+it to its own file (`checkpoints.PRESENCE_FILE`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,28 @@ class EvfOutput:
     iou_predictions: torch.Tensor  # (N, 1)
     logits: list[torch.Tensor] | None  # per image (n_i, H_i, W_i) at original resolution
     prompt_embeddings: torch.Tensor  # (N, 1, C)
+    presence_logits: torch.Tensor | None = None  # (N,) with a presence head: > logit(threshold) = target
+
+
+#: Logit given to every pixel of an expression the presence head rejects (an empty mask).
+NO_TARGET_LOGIT = -100.0
+
+
+class PresenceHead(nn.Module):
+    """Target/no-target logit from the fused feature (N, 1, D) -> (N,). `threshold` (a probability)
+    travels with the weights."""
+
+    def __init__(self, dim: int, threshold: float = 0.5):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.mlp(fused[:, 0]).squeeze(-1)
+
+    def present(self, logits: torch.Tensor) -> torch.Tensor:
+        """Bool (N,): the score reaches the threshold."""
+        return logits.float().sigmoid() >= self.threshold.float()
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
@@ -53,12 +80,16 @@ class MultimodalExtractor(nn.Module):
 
 
 class EvfSam(nn.Module):
-    def __init__(self, *, beit3: Beit3, visual_model: SamBackbone):
+    def __init__(self, *, beit3: Beit3, visual_model: SamBackbone, presence_head: bool = False):
         super().__init__()
         d, c = beit3.config.embed_dim, visual_model.prompt_dim
         self.mm_extractor = MultimodalExtractor(beit3)
         self.text_hidden_fcs = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, c))])
         self.visual_model = visual_model
+        if presence_head:
+            self.presence_head = PresenceHead(d)
+        else:
+            self.presence_head = None
 
     @property
     def beit3(self) -> Beit3:
@@ -107,7 +138,9 @@ class EvfSam(nn.Module):
             image_features = self.encode_images(batch["sam_pixel_values"])
         image_features = self.decoder_inputs(image_features)
         beit_pixels = batch["beit_pixel_values"].index_select(0, image_index)
-        prompt = self.prompt_embeddings(beit_pixels, batch["input_ids"], batch.get("attention_mask"))
+        fused = self.fusion_feature(beit_pixels, batch["input_ids"], batch.get("attention_mask"))
+        prompt = self.text_hidden_fcs[0](fused)
+        presence = self.presence_head(fused) if self.presence_head is not None else None
         low_res, iou = self.visual_model.decode(image_features, image_index, prompt.to(
             next(iter(image_features.values())).dtype))
         logits = None
@@ -115,7 +148,16 @@ class EvfSam(nn.Module):
             counts = torch.bincount(image_index, minlength=batch["resize_hw"].shape[0]).tolist()
             logits = self.full_resolution_logits(low_res, counts, batch["original_hw"].tolist(),
                                                  batch["resize_hw"].tolist())
-        return EvfOutput(low_res, iou, logits, prompt)
+        return EvfOutput(low_res, iou, logits, prompt, presence)
+
+    def apply_presence(self, logits: torch.Tensor, presence_logits: torch.Tensor | None) -> torch.Tensor:
+        """(n, H, W) logits with every expression the presence head rejects set to an empty mask
+        (`NO_TARGET_LOGIT`); unchanged without a head."""
+        if self.presence_head is None or presence_logits is None:
+            return logits
+        keep = self.presence_head.present(presence_logits).to(logits.device)
+        return torch.where(keep.view(-1, *([1] * (logits.dim() - 1))), logits,
+                           logits.new_tensor(NO_TARGET_LOGIT))
 
     def full_resolution_logits(self, low_res: torch.Tensor, counts: list[int], original_hw: list,
                                resize_hw: list | None = None) -> list[torch.Tensor]:
@@ -128,19 +170,28 @@ class EvfSam(nn.Module):
 
     # -- inference ----------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, image: np.ndarray, texts: str | list[str], tokenizer, max_length: int = 64) -> torch.Tensor:
+    def predict(self, image: np.ndarray, texts: str | list[str], tokenizer, max_length: int = 64,
+                return_presence: bool = False):
         """Mask logits at the image's original size for one image and one or more expressions:
-        (H, W) for a single string, (N, H, W) for a list. Binary mask = logits > 0."""
+        (H, W) for a single string, (N, H, W) for a list. Binary mask = logits > 0.
+
+        With a presence head, an expression scored below its threshold gets an empty mask ("no
+        target"). `return_presence=True` returns (logits, scores): the presence probabilities, a
+        float (single string) or (N,) tensor, None without a head."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         batch = collate_inference(self, image, texts, tokenizer, max_length)
         was_training = self.training
         self.eval()
         try:
-            logits = self(batch).logits[0]
+            out = self(batch)
         finally:
             self.train(was_training)
-        return logits[0] if single else logits
+        logits = self.apply_presence(out.logits[0], out.presence_logits)
+        scores = out.presence_logits.float().sigmoid() if out.presence_logits is not None else None
+        if single:
+            logits, scores = logits[0], (float(scores[0]) if scores is not None else None)
+        return (logits, scores) if return_presence else logits
 
 
 def collate_inference(model: EvfSam, image: np.ndarray, texts: list[str], tokenizer,

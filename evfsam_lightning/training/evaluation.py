@@ -65,7 +65,9 @@ class EvalModule(L.LightningModule):
         for i, target in enumerate(batch["masks"]):
             if target.shape[0] == 0:
                 continue
-            logits = self.model(single_image_batch(batch, i)).logits[0]
+            out = self.model(single_image_batch(batch, i))
+            # With a presence head, an expression below its threshold is "no target": an empty mask.
+            logits = self.model.apply_presence(out.logits[0], out.presence_logits)
             sid = dataloader_idx  # one loader per split, in order (the samples' own source names may differ)
             self.metric.update(logits, target, torch.full((target.shape[0],), sid, dtype=torch.long))
 

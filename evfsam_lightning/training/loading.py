@@ -127,7 +127,7 @@ def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device
         state = {k: v for k, v in state.items() if k not in left_out}
         ck.load_into(model, state, source=str(path), allow_missing=tuple(ck.SUBSETS))
     else:
-        model = add_configured_lora(build_model(model_size(cfg.model)), cfg)
+        model = add_configured_lora(build_model(model_size(cfg.model), presence_head=cfg.model.presence_head), cfg)
         ck.load_into(model, state, source=str(path))
     if TOKENIZER_KEY not in ckpt:
         raise ck.CheckpointError(f"{path} carries no tokenizer files")

@@ -61,10 +61,17 @@ def build_configured_model(cfg: RunConfig, device: str | torch.device | None = N
     """The model of a run config with its pretrained weights loaded (pretrained folder, then SAM and
     BEiT-3 checkpoints, each reporting its keys), and its LoRA layers if any."""
     m = cfg.model
-    model = build_model(model_size(m), device=device, gradient_checkpointing=m.activation_checkpointing)
+    model = build_model(model_size(m), device=device, gradient_checkpointing=m.activation_checkpointing,
+                        presence_head=m.presence_head)
+    if m.presence_head:
+        model.presence_head.threshold.fill_(m.presence_threshold)
     if m.pretrained:
         folder = Path(m.pretrained)
-        ck.load_reference_weights(model, ck._weights_file(folder))
+        # A released checkpoint has no presence head: it starts freshly initialised.
+        ck.load_reference_weights(model, ck._weights_file(folder), allow_missing=("presence",) if m.presence_head else ())
+        if m.presence_head and (folder / ck.PRESENCE_FILE).is_file():
+            ck.load_presence_head(model, folder / ck.PRESENCE_FILE)
+            model.presence_head.threshold.fill_(m.presence_threshold)
     if m.sam_checkpoint:
         path = Path(m.sam_checkpoint)
         (ck.load_hf_sam_checkpoint if path.is_dir() else ck.load_sam_checkpoint)(model, path)
@@ -154,7 +161,20 @@ class EvfSamModule(L.LightningModule):
         masks = batch["masks"]
         logits = self.model.full_resolution_logits(out.low_res_logits, [int(m.shape[0]) for m in masks],
                                                    [tuple(m.shape[-2:]) for m in masks])
-        losses = mask_loss(logits, masks, self.cfg.optim.bce_weight, self.cfg.optim.dice_weight)
+        if out.presence_logits is None:
+            losses = mask_loss(logits, masks, self.cfg.optim.bce_weight, self.cfg.optim.dice_weight)
+            return out, logits, losses
+        # With the presence head, the head decides no-target expressions: their (all-zero) masks are
+        # not asked of the decoder. A target is an expression whose mask has an object pixel.
+        present = [(m == 1).flatten(1).any(1).to(lg.device) for lg, m in zip(logits, masks, strict=True)]
+        losses = mask_loss([lg[p] for lg, p in zip(logits, present, strict=True)],
+                           [m[p.to(m.device)] for m, p in zip(masks, present, strict=True)],
+                           self.cfg.optim.bce_weight, self.cfg.optim.dice_weight)
+        labels = torch.cat(present).to(out.presence_logits.device, torch.float32)
+        presence = torch.nn.functional.binary_cross_entropy_with_logits(out.presence_logits.float(), labels)
+        # 0 x logits keeps every decoder output in the graph when a batch holds only no-target expressions.
+        losses["presence"] = self.cfg.optim.presence_weight * presence
+        losses["loss"] = losses["loss"] + losses["presence"] + 0.0 * out.low_res_logits.float().sum()
         return out, logits, losses
 
     def _logging_step(self) -> bool:
@@ -171,6 +191,8 @@ class EvfSamModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=n_images)
         self.log("train/bce", losses["bce"], batch_size=n_images)
         self.log("train/dice", losses["dice"], batch_size=n_images)
+        if "presence" in losses:
+            self.log("train/presence", losses["presence"], batch_size=n_images)
         if self._logging_step():  # a Python number is copied to the device: only when it is written
             self.log("train/expressions_per_image", batch["input_ids"].shape[0] / max(1, n_images),
                      batch_size=n_images)
@@ -270,8 +292,12 @@ class EvfSamModule(L.LightningModule):
             self.forward_losses(*self._placeholder(batch))
             self.log("val/loss", torch.zeros((), device=self.device), batch_size=0, sync_dist=True)
             return
-        _, all_logits, losses = self.forward_losses(batch, self.model.encode_images(batch["sam_pixel_values"]))
+        out, all_logits, losses = self.forward_losses(batch, self.model.encode_images(batch["sam_pixel_values"]))
         self.log("val/loss", losses["loss"], batch_size=len(batch["masks"]), sync_dist=True)
+        if out.presence_logits is not None:  # rejected expressions count as empty predictions ("no target")
+            counts = [int(m.shape[0]) for m in batch["masks"]]
+            all_logits = [self.model.apply_presence(lg, p)
+                          for lg, p in zip(all_logits, out.presence_logits.split(counts), strict=True)]
         # One loader per validation source, in order (the samples' own source names may differ).
         for logits, target in zip(all_logits, batch["masks"], strict=True):
             self.val_iou.update(logits, target, torch.full((logits.shape[0],), dataloader_idx, dtype=torch.long))

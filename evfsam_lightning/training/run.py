@@ -131,6 +131,7 @@ def data_config(cfg: RunConfig, model_cfg):
     return DataConfig(
         sources=train, val_sources=val, tokenizer=str(tokenizer), batch_size=cfg.trainer.micro_batch_size,
         num_workers=d.num_workers, max_expressions_per_image=d.max_expressions_per_image,
+        negatives_per_image=d.negatives_per_image,
         expression_sampling=d.expression_sampling,
         sam_image_size=model_cfg.sam.image_size, sam_variant=model_cfg.family,
         beit_image_size=model_cfg.beit3.image_size, max_text_length=d.max_text_length, seed=cfg.seed,

@@ -32,10 +32,10 @@ UNUSED = {
 #: The trainable set of each mode, as name prefixes.
 MODES = {
     ("sam", "frozen_image_encoder"): ("mm_extractor.", "text_hidden_fcs.", "visual_model.prompt_encoder.no_mask_embed.",
-                                      "visual_model.mask_decoder."),
+                                      "visual_model.mask_decoder.", "presence_head."),
     ("sam", "full"): ("",),
-    ("sam2", "frozen_image_encoder"): ("mm_extractor.", "text_hidden_fcs."),
-    ("sam2", "full"): ("mm_extractor.", "text_hidden_fcs."),
+    ("sam2", "frozen_image_encoder"): ("mm_extractor.", "text_hidden_fcs.", "presence_head."),
+    ("sam2", "full"): ("mm_extractor.", "text_hidden_fcs.", "presence_head."),
 }
 
 

@@ -381,6 +381,10 @@ def test_ade20k(tmp_path):
     counts = {k: v["count"] for k, v in report(out)["skipped"].items()}
     assert counts == {"missing_label_map": 1, "no_object": 1, "bad_label_map": 1}
     assert len(ade20k.ADE20K_CLASSES) == 150 == len(set(ade20k.ADE20K_CLASSES))
+    # the source's vocabulary (for no-target negatives, docs/no_target.md): every class seen, both splits
+    for split in ("train", "val"):
+        assert json.loads((out / split / "vocabulary.json").read_text()) == {
+            "template": "[semantic] {}", "names": ["flag", "person", "sky", "wall"]}
 
 
 def test_humanparsing(tmp_path):

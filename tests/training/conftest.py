@@ -30,14 +30,14 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def train_command(*overrides: str) -> list[str]:
-    return [sys.executable, "-m", "evfsam_lightning.cli.train", str(QUICKSTART), "logging.progress_bar=false",
+def train_command(*overrides: str, recipe: Path = QUICKSTART) -> list[str]:
+    return [sys.executable, "-m", "evfsam_lightning.cli.train", str(recipe), "logging.progress_bar=false",
             *overrides]
 
 
-def run_training(cwd: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_command(*overrides), cwd=cwd, env=clean_env(), capture_output=True, text=True,
-                            timeout=timeout)
+def run_training(cwd: Path, *overrides: str, timeout: int = 400, recipe: Path = QUICKSTART) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(*overrides, recipe=recipe), cwd=cwd, env=clean_env(), capture_output=True,
+                            text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 

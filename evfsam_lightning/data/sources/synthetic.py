@@ -33,6 +33,8 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 GRAMMARS = ("colour", "full")
+#: Negatives name a colour absent from the image (every grammar keys on colour).
+VOCABULARY = {"template": "the {} shape", "names": list(COLOURS)}
 SPLITS = ("train", "val")
 _COLOUR_TEMPLATES = ("the {c} {s}", "the {c} shape", "the {c} one", "the {c} object")
 # Where the extreme shape must lead the next one by this fraction of the image to be named by position.
@@ -157,7 +159,7 @@ def plan(n_train: int, n_val: int, *, image_size: int = 128, seed: int = 0,
                       {"seed": seed, "index": i, "image_size": image_size, "grammar": grammar})
              for split, n in zip(SPLITS, (n_train, n_val), strict=True) for i in range(n)]
     return ConversionPlan(format="synthetic", source="synthetic", task="referring", build=build, items=items,
-                          splits=list(SPLITS))
+                          splits=list(SPLITS), vocabulary=VOCABULARY)
 
 
 def generate_synthetic(out_dir: str | Path, n_train: int = 1000, n_val: int = 200, image_size: int = 128,
