@@ -4,6 +4,7 @@ vocabulary, "no target" at inference, and the head's own file beside the officia
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -177,6 +178,9 @@ def _evaluate(checkpoint, folder) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EVFSAM_PRESENCE_ACCEPTANCE") != "1",
+                    reason="issue 14's side-by-side acceptance run (2 x 300 steps) has not yet been run to the end on "
+                           "an unshared machine; EVFSAM_PRESENCE_ACCEPTANCE=1 runs it")
 def test_presence_head_learns_no_target_where_empty_masks_do_not(tmp_path, synthetic_dir):
     import yaml
 
