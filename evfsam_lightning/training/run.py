@@ -496,6 +496,7 @@ def train(cfg: RunConfig) -> L.Trainer:
     """Run (or resume) training; returns the trainer after fit. The rank-0 process holds the run
     directory's lock (`RunLock`) for the whole run."""
     preflight(cfg)  # every file the run needs, before anything is built or written
+    silence_known_warnings()  # before launch_rank, whose SLURM detection prints the srun hint
     lock = RunLock(cfg.run_dir) if launch_rank(cfg.trainer.devices) == 0 else None
     if lock is None:
         return _train(cfg, holds_lock=False)
@@ -508,7 +509,6 @@ def _train(cfg: RunConfig, holds_lock: bool) -> L.Trainer:
     from evfsam_lightning.data.embedding_cache import EmbeddingCacheError
     from evfsam_lightning.training.module import EvfSamModule, model_size
 
-    silence_known_warnings()
     if holds_lock:  # what a killed save left behind; no save of this run can be under way now
         for path in remove_stale_staging(cfg.run_dir / "checkpoints"):
             print(f"removed {path}, left by an interrupted checkpoint save", flush=True)
