@@ -16,6 +16,12 @@ evaluation does; splits holding no-target expressions (gRefCOCO) also get N-acc 
 The checkpoint is an evfsam-train checkpoint (file, or DeepSpeed/FSDP directory) or an official
 EVF-SAM folder. `--shuffle-expressions` gives each object the expression of another object of
 the same image: a model that reads the text scores much lower that way.
+
+With a presence head the head decides "no target" (`--presence-threshold`, default the
+checkpoint's), and a threshold sweep is printed and written (`presence_sweep` in the JSON) for every
+split holding no-target expressions: N-acc, T-acc, gIoU and cIoU at each threshold of
+`--presence-sweep` (default 0, 0.1, ..., 1), from the same pass over the data. Undefined numbers
+(T-acc of a split without target expressions) are "n/a" in the tables and null in the JSON.
 """
 
 from __future__ import annotations
@@ -107,8 +113,36 @@ def find_benchmark_splits(benchmark: str, shards: str | Path) -> tuple[list[tupl
     return found, missing
 
 
+#: `--presence-sweep` without values: these thresholds.
+DEFAULT_SWEEP = [round(0.1 * i, 1) for i in range(11)]
+
+
 def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def json_safe(value):
+    """`value` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def sweep_table(name: str, rows: list[dict], threshold: float) -> list[str]:
+    """The console lines of one split's threshold sweep; the checkpoint's threshold marked *."""
+    first = rows[0]
+    lines = [f"presence threshold sweep, {name} ({first['expressions']} expressions, {first['no_target']} "
+             f"no-target; * = the threshold in use, {threshold:.2f}):",
+             f"  {'threshold':>9}  {'N-acc':>7}  {'T-acc':>7}  {'gIoU':>7}  {'cIoU':>7}"]
+    for r in rows:
+        mark = "*" if abs(r["threshold"] - threshold) < 1e-6 else " "
+        lines.append(f"  {r['threshold']:>8.2f}{mark}  {_pct(r['n_acc']):>7}  {_pct(r['t_acc']):>7}  "
+                     f"{_pct(r['giou']):>7}  {_pct(r['ciou']):>7}")
+    return lines
 
 
 def benchmark_table(results: dict) -> tuple[list[str], str]:
@@ -159,9 +193,15 @@ def main(argv: list[str] | None = None) -> int:
                                  "and a Markdown table beside it)")
     p.add_argument("--presence-threshold", type=float, default=None,
                    help="with a presence head: 'no target' below this probability (default: the checkpoint's)")
+    p.add_argument("--presence-sweep", type=float, nargs="*", metavar="T", default=None,
+                   help="with a presence head: the thresholds of the sweep (default 0, 0.1, ..., 1)")
     args = p.parse_args(argv)
     if args.presence_threshold is not None and not 0 <= args.presence_threshold <= 1:
         p.error(f"--presence-threshold {args.presence_threshold} must be in [0, 1]")
+    if args.presence_sweep is not None:
+        for t in args.presence_sweep:
+            if not 0 <= t <= 1:
+                p.error(f"--presence-sweep {t} must be in [0, 1]")
     for option in ("devices", "batch_size"):
         if getattr(args, option) < 1:
             p.error(f"--{option.replace('_', '-')} {getattr(args, option)} must be at least 1")
@@ -196,12 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         if model.presence_head is None:
             p.error(f"--presence-threshold: {args.checkpoint} has no presence head")
         model.presence_head.threshold.fill_(args.presence_threshold)
+    if args.presence_sweep is not None and model.presence_head is None:
+        p.error(f"--presence-sweep: {args.checkpoint} has no presence head")
+    sweep = (sorted(set(args.presence_sweep or DEFAULT_SWEEP)) if model.presence_head is not None else None)
     cfg = model.config
     with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
         data = DataConfig(test_sources=[SourceConfig(n, u) for n, u in splits], tokenizer=str(tok_dir),
                           batch_size=args.batch_size, num_workers=args.workers, sam_image_size=cfg.sam.image_size,
                           sam_variant=cfg.family, beit_image_size=cfg.beit3.image_size)
-        module = EvalModule(model, [n for n, _ in splits], args.shuffle_expressions)
+        module = EvalModule(model, [n for n, _ in splits], args.shuffle_expressions, sweep_thresholds=sweep)
         trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, precision=args.precision,
                             logger=False, enable_checkpointing=False, enable_progress_bar=not args.no_progress,
                             enable_model_summary=False, use_distributed_sampler=False,
@@ -223,9 +266,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in results["splits"].items():
             accs = f"  {_pct(r.get('n_acc')):>7}  {_pct(r.get('t_acc')):>7}" if generalized else ""
             print(f"{name:<{width}}  {_pct(r['giou']):>7}  {_pct(r['ciou']):>7}{accs}  {r['expressions']}")
+    if module.sweep is not None:
+        threshold = float(model.presence_head.threshold)
+        results["presence_threshold"] = threshold
+        # Only splits holding no-target expressions: elsewhere the sweep says nothing about "no target".
+        results["presence_sweep"] = {n: module.sweep[n] for n, _ in splits if module.sweep[n][0]["no_target"]}
+        if len(results["presence_sweep"]) > 1:
+            results["presence_sweep"]["all"] = module.sweep["all"]
+        for name, rows in results["presence_sweep"].items():
+            print("\n".join(sweep_table(name, rows, threshold)))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2))
+        Path(out).write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
         written = [out]
         if args.benchmark:
             Path(out).with_suffix(".md").write_text(markdown)

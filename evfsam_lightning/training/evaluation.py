@@ -12,7 +12,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from evfsam_lightning.training.metrics import ReferringIoU
+from evfsam_lightning.training.metrics import PresenceSweep, ReferringIoU
 
 
 def shuffle_expressions_within_images(batch: dict) -> dict:
@@ -52,12 +52,18 @@ def single_image_batch(batch: dict, i: int) -> dict:
 
 
 class EvalModule(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, sources: list[str], shuffle_expressions: bool = False):
+    """`sweep_thresholds` (a model with a presence head): also the generalized metrics at each of
+    these thresholds (`PresenceSweep`, from the same pass), in `sweep` after the run."""
+
+    def __init__(self, model: torch.nn.Module, sources: list[str], shuffle_expressions: bool = False,
+                 sweep_thresholds: list[float] | None = None):
         super().__init__()
         self.model = model
         self.metric = ReferringIoU(sources)
         self.shuffle = shuffle_expressions
         self.results: dict | None = None
+        self.sweep_metric = PresenceSweep(sources, sweep_thresholds) if sweep_thresholds else None
+        self.sweep: dict | None = None
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.shuffle:
@@ -66,10 +72,18 @@ class EvalModule(L.LightningModule):
             if target.shape[0] == 0:
                 continue
             out = self.model(single_image_batch(batch, i))
-            # With a presence head, an expression below its threshold is "no target": an empty mask.
-            logits = self.model.apply_presence(out.logits[0], out.presence_logits)
             sid = dataloader_idx  # one loader per split, in order (the samples' own source names may differ)
-            self.metric.update(logits, target, torch.full((target.shape[0],), sid, dtype=torch.long))
+            ids = torch.full((target.shape[0],), sid, dtype=torch.long)
+            if out.presence_logits is None:
+                self.metric.update(out.logits[0], target, ids)
+                continue
+            # With a presence head, the head decides: an expression below its threshold is "no
+            # target", an empty mask.
+            self.metric.update(out.logits[0], target, ids, rejected=~self.model.presence_head.present(out.presence_logits))
+            if self.sweep_metric is not None:
+                self.sweep_metric.update(out.logits[0], target, ids, out.presence_logits.float().sigmoid())
 
     def on_test_epoch_end(self) -> None:
         self.results = self.metric.compute()
+        if self.sweep_metric is not None:
+            self.sweep = self.sweep_metric.compute()

@@ -13,6 +13,11 @@ N-acc = no-target expressions predicted empty / no-target expressions, and
 T-acc = target expressions predicted non-empty / target expressions. They are reported (keys
 "no_target", "n_acc", "t_acc") for every split that holds no-target expressions.
 
+With a presence head the head decides instead (`rejected`: the expressions it scores below its
+threshold): a rejected expression is an empty prediction, and a no-target expression scores 1 when
+rejected and 0 when not, whatever the decoder drew (the GRES protocol, where a separate no-target
+output decides). `PresenceSweep` gives the same numbers at several thresholds from one pass.
+
 States are sums, so they add up exactly across ranks. One metric tracks several sources at once
 (fixed source ids), which keeps the state shapes equal on every rank.
 """
@@ -51,24 +56,18 @@ class ReferringIoU(Metric):
         for name in _STATES:
             self.add_state(name, default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, logits: torch.Tensor, target: torch.Tensor, source_ids: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, target: torch.Tensor, source_ids: torch.Tensor,
+               rejected: torch.Tensor | None = None) -> None:
+        """`rejected`: bool (n,), the expressions a presence head calls "no target" (their
+        predictions count as empty); None: "no target" is an empty prediction."""
         a = mask_areas(logits, target.to(logits.device))
-        inter, union = a["intersection"], a["union"]
-        no_target = a["target"] == 0
-        predicted = a["predicted"] > 0
-        values = {
-            "intersection": inter, "union": union,
-            "iou_sum": torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)),
-            "count": torch.ones_like(inter),
-            "no_target": no_target.double(),
-            "no_target_empty": (no_target & ~predicted).double(),
-            "target_found": (~no_target & predicted).double(),
-        }
-        ids = source_ids.to(self.intersection.device)
-        for name, value in values.items():
-            state = getattr(self, name)
-            # Strategies may cast the states (DeepSpeed makes them float32): follow the state dtype.
-            state.index_add_(0, ids, value.to(state))
+        if rejected is not None:
+            a = {k: v.unsqueeze(1) for k, v in a.items()}
+            values = expression_values(a, rejected.to(logits.device).unsqueeze(1))
+            values = {k: v.squeeze(1) for k, v in values.items()}
+        else:
+            values = expression_values(a, a["predicted"] == 0)
+        _add(self, values, source_ids)
 
     def compute(self) -> dict[str, dict[str, float]]:
         """{source: {"giou", "ciou", "expressions"[, "no_target", "n_acc", "t_acc"]}} plus "all"
@@ -78,7 +77,65 @@ class ReferringIoU(Metric):
         return out
 
 
-def _summary(s: dict[str, torch.Tensor]) -> dict[str, float]:
+def expression_values(a: dict[str, torch.Tensor], rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The metric states' per-expression terms from `mask_areas` (each (n, k)) and the decision
+    `rejected` ((n, k) bool, "no target"; broadcast over k decisions per expression)."""
+    no_target = a["target"] == 0
+    inter = torch.where(rejected, 0.0, a["intersection"])
+    union = torch.where(rejected, a["target"], a["union"])
+    # A target expression scores I/U (its union holds its target pixels); a no-target one 1 when
+    # rejected. Without a head `rejected` is "predicted empty", where this is I/U with an empty union as 1.
+    iou = torch.where(no_target, rejected.double(), inter / union.clamp_min(1))
+    return {"intersection": inter, "union": union, "iou_sum": iou, "count": torch.ones_like(iou),
+            "no_target": no_target.double().expand_as(iou), "no_target_empty": (no_target & rejected).double(),
+            "target_found": (~no_target & ~rejected).double()}
+
+
+def _add(metric: Metric, values: dict[str, torch.Tensor], source_ids: torch.Tensor) -> None:
+    ids = source_ids.to(metric.intersection.device)
+    for name, value in values.items():
+        state = getattr(metric, name)
+        # Strategies may cast the states (DeepSpeed makes them float32): follow the state dtype.
+        state.index_add_(0, ids, value.to(state))
+
+
+class PresenceSweep(Metric):
+    """The generalized metrics of a presence head at several thresholds from one pass: per
+    expression, the areas of the decoder's mask and the head's score. `update(logits, target,
+    source_ids, scores)` with the decoder's logits (before any rejection) and the head's
+    probabilities; an expression is "no target" at threshold t when its score is below t (the
+    head's own rule), so t = 0 rejects nothing and t = 1 everything below a score of 1."""
+
+    full_state_update = False
+
+    def __init__(self, sources: Sequence[str], thresholds: Sequence[float], **kwargs):
+        super().__init__(**kwargs)
+        self.sources = list(sources)
+        self.thresholds = [float(t) for t in thresholds]
+        for name in _STATES:
+            self.add_state(name, default=torch.zeros(len(self.sources), len(self.thresholds), dtype=torch.float64),
+                           dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor, source_ids: torch.Tensor,
+               scores: torch.Tensor) -> None:
+        a = {k: v.unsqueeze(1) for k, v in mask_areas(logits, target.to(logits.device)).items()}
+        thresholds = torch.tensor(self.thresholds, dtype=torch.float32, device=logits.device)
+        rejected = scores.float().to(logits.device).unsqueeze(1) < thresholds  # (n, thresholds)
+        _add(self, expression_values(a, rejected), source_ids)
+
+    def compute(self) -> dict[str, list[dict]]:
+        """{source: [{"threshold", "giou", "ciou", "expressions", "no_target", "n_acc", "t_acc"}, ...]}
+        (one row per threshold; NaN where a split has no expression of a kind) plus "all"."""
+        def rows(states: dict[str, torch.Tensor]) -> list[dict]:
+            return [{"threshold": t, **_summary({s: v[j] for s, v in states.items()}, generalized=True)}
+                    for j, t in enumerate(self.thresholds)]
+
+        out = {name: rows({s: getattr(self, s)[i] for s in _STATES}) for i, name in enumerate(self.sources)}
+        out["all"] = rows({s: getattr(self, s).sum(0) for s in _STATES})
+        return out
+
+
+def _summary(s: dict[str, torch.Tensor], generalized: bool = False) -> dict[str, float]:
     n = float(s["count"])
     out = {
         "giou": float(s["iou_sum"] / s["count"]) if n else float("nan"),
@@ -86,9 +143,9 @@ def _summary(s: dict[str, torch.Tensor]) -> dict[str, float]:
         "expressions": int(n),
     }
     no_target = float(s["no_target"])
-    if no_target:
+    if no_target or generalized:
         targets = n - no_target
         out["no_target"] = int(no_target)
-        out["n_acc"] = float(s["no_target_empty"]) / no_target
+        out["n_acc"] = float(s["no_target_empty"]) / no_target if no_target else float("nan")
         out["t_acc"] = float(s["target_found"]) / targets if targets else float("nan")
     return out

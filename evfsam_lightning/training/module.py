@@ -294,13 +294,16 @@ class EvfSamModule(L.LightningModule):
             return
         out, all_logits, losses = self.forward_losses(batch, self.model.encode_images(batch["sam_pixel_values"]))
         self.log("val/loss", losses["loss"], batch_size=len(batch["masks"]), sync_dist=True)
-        if out.presence_logits is not None:  # rejected expressions count as empty predictions ("no target")
+        rejected: list = [None] * len(all_logits)
+        if out.presence_logits is not None:  # the head decides "no target"; rejected masks are empty
             counts = [int(m.shape[0]) for m in batch["masks"]]
+            rejected = [~self.model.presence_head.present(p) for p in out.presence_logits.split(counts)]
             all_logits = [self.model.apply_presence(lg, p)
                           for lg, p in zip(all_logits, out.presence_logits.split(counts), strict=True)]
         # One loader per validation source, in order (the samples' own source names may differ).
-        for logits, target in zip(all_logits, batch["masks"], strict=True):
-            self.val_iou.update(logits, target, torch.full((logits.shape[0],), dataloader_idx, dtype=torch.long))
+        for logits, target, no in zip(all_logits, batch["masks"], rejected, strict=True):
+            self.val_iou.update(logits, target, torch.full((logits.shape[0],), dataloader_idx, dtype=torch.long),
+                                rejected=no)
         if len(self._val_images) < self.cfg.logging.val_images:
             self._collect_images(batch, all_logits)
 

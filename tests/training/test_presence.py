@@ -142,6 +142,121 @@ def test_mask_loss_skips_no_target_objects_with_the_head():
     assert module.model.presence_head.mlp[0].weight.grad is not None
 
 
+def test_validation_scores_the_heads_decision_not_the_empty_mask():
+    """With a head, validation's N-acc / T-acc / gIoU follow the head's decision: a decoder that draws
+    nothing everywhere under a head that accepts everything scores N-acc 0 and T-acc 1 (the
+    empty-mask rule would say the opposite), and the same decoder under a head that rejects
+    everything scores N-acc 1, T-acc 0, gIoU = the share of no-target expressions."""
+    import lightning as L
+
+    from evfsam_lightning.training.module import EvfSamModule
+    from tests.training.test_module import _batch, _Batches, _cfg
+
+    batch = _batch()
+    batch["masks"][0][1] = 0  # 1 of the 4 expressions has no target
+    module = EvfSamModule(_cfg("logging.val_images=0", "model.presence_head=true"), val_sources=["grefs"])
+    for mlp in module.model.visual_model.mask_decoder.output_hypernetworks_mlps:
+        torch.nn.init.zeros_(mlp.proj_out.weight)  # every mask logit exactly 0: nothing drawn
+        torch.nn.init.zeros_(mlp.proj_out.bias)
+    logged = {}
+    for threshold in (0.0, 1.0):  # sigmoid >= 0: everything is a target; >= 1: (here) nothing is
+        module.model.presence_head.threshold.fill_(threshold)
+        loader = torch.utils.data.DataLoader(_Batches([batch]), batch_size=None, collate_fn=lambda b: b)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.validate(module, dataloaders=loader, verbose=False)
+        logged[threshold] = {k: float(trainer.callback_metrics[f"val/grefs/{k}"]) for k in ("n_acc", "t_acc", "giou")}
+    assert logged[0.0] == {"n_acc": 0.0, "t_acc": 1.0, "giou": 0.0}
+    assert logged[1.0] == {"n_acc": 1.0, "t_acc": 0.0, "giou": 0.25}
+
+
+# -- evfsam-eval with a head: the threshold sweep, and JSON without NaN ------------------------------
+@pytest.fixture(scope="module")
+def head_checkpoint(tmp_path_factory):
+    """An exported tiny EVF-SAM with a (random) presence head, threshold 0.5."""
+    from evfsam_lightning.data.tokenizer import build_tokenizer
+    from tests.training.test_evaluation import SENTENCES
+
+    root = tmp_path_factory.mktemp("tiny_head")
+    tok = build_tokenizer([s.lower() for s in SENTENCES] * 20, root / "tok", vocab_size=60)
+    torch.manual_seed(5)
+    return ck.export_reference(build_model("tiny", presence_head=True), root / "evf-sam", tokenizer_dir=tok)
+
+
+def _eval(checkpoint, out, *args: str) -> dict:
+    from evfsam_lightning.cli.evaluate import main as evaluate
+
+    assert evaluate(["--checkpoint", str(checkpoint), "--accelerator", "cpu", "--workers", "0", "--batch-size", "2",
+                     "--no-progress", "--out", str(out), *args]) == 0
+    text = out.read_text()
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON of evfsam-eval"))
+
+
+def test_eval_sweeps_the_presence_threshold_in_one_pass(tmp_path, head_checkpoint, capsys):
+    from evfsam_lightning.training.loading import load_for_inference
+    from tests.training.test_evaluation import _split, _write_split
+
+    samples = _split(1, with_no_target=True)
+    _write_split(tmp_path / "val", samples)
+    # By hand: each sentence's decoder mask (threshold 0: nothing rejected) and presence score.
+    model, tokenizer = load_for_inference(head_checkpoint)
+    model.presence_head.threshold.fill_(0.0)
+    scored = []
+    with torch.no_grad():
+        for sample, _ in samples:
+            image = sample.decode_image()
+            for obj in sample.objects:
+                for text in obj.expressions:
+                    logits, score = model.predict(image, text.strip().lower(), tokenizer, return_presence=True)
+                    scored.append((float(score), (logits > 0).numpy(), obj.mask == 1))
+    ordered = sorted(s for s, _, _ in scored)
+    middle = (ordered[4] + ordered[5]) / 2  # between two scores: 5 of the 11 sentences rejected
+
+    def by_hand(t: float) -> dict:
+        inter = union = iou = 0.0
+        nt_hit = t_hit = 0
+        for score, pred, gt in scored:
+            rejected = score < t
+            pred = pred & (not rejected)
+            i, u = float((pred & gt).sum()), float((pred | gt).sum())
+            inter, union = inter + i, union + u
+            iou += float(rejected) if not gt.any() else i / u
+            nt_hit += int(not gt.any() and rejected)
+            t_hit += int(gt.any() and not rejected)
+        return {"giou": iou / 11, "ciou": inter / union, "n_acc": nt_hit / 2, "t_acc": t_hit / 9}
+
+    r = _eval(head_checkpoint, tmp_path / "r.json", "--data", f"val={tmp_path / 'val'}",
+              "--presence-sweep", "0", repr(middle), "0.5", "1")
+    rows = {row["threshold"]: row for row in r["presence_sweep"]["val"]}
+    assert list(rows) == sorted([0.0, middle, 0.5, 1.0]) and r["presence_threshold"] == 0.5
+    assert all((row["expressions"], row["no_target"]) == (11, 2) for row in rows.values())
+    # 0: nothing is "no target"; 1: everything is (no score reaches 1), so only the no-target sentences score
+    assert (rows[0.0]["n_acc"], rows[0.0]["t_acc"]) == (0.0, 1.0)
+    assert (rows[1.0]["n_acc"], rows[1.0]["t_acc"], rows[1.0]["ciou"]) == (1.0, 0.0, 0.0)
+    assert rows[1.0]["giou"] == pytest.approx(2 / 11)
+    for t in (0.0, middle, 1.0):
+        assert {k: rows[t][k] for k in ("giou", "ciou", "n_acc", "t_acc")} == pytest.approx(by_hand(t), abs=1e-6)
+    # the row at the threshold in use is what the split's own line reports
+    assert {k: rows[0.5][k] for k in r["splits"]["val"]} == pytest.approx(r["splits"]["val"])
+    printed = capsys.readouterr().out
+    assert "presence threshold sweep, val (11 expressions, 2 no-target" in printed
+    assert any(line.split()[0] == "0.50*" for line in printed.splitlines() if line.strip())
+
+
+def test_eval_json_has_null_where_a_number_is_undefined(tmp_path, head_checkpoint, capsys):
+    from tests.training.test_evaluation import _sample, _write_split
+
+    # a split whose only object has no target: T-acc is undefined
+    _write_split(tmp_path / "nt", [_sample("only", 3, [["the dog", "zebra"]], no_target=0)])
+    r = _eval(head_checkpoint, tmp_path / "r.json", "--data", f"nt={tmp_path / 'nt'}")
+    assert r["splits"]["nt"]["no_target"] == 2 and r["splits"]["nt"]["t_acc"] is None
+    assert all(row["t_acc"] is None for row in r["presence_sweep"]["nt"])
+    assert len(r["presence_sweep"]["nt"]) == 11  # the default sweep 0, 0.1, ..., 1
+    table = capsys.readouterr().out.splitlines()
+    split_line = next(line for line in table if line.startswith("nt "))
+    assert split_line.split()[4] == "n/a" and "nan" not in "\n".join(table).lower()
+
+
 # -- acceptance: the same tiny model with and without the head, side by side -----------------------
 STEPS = 300
 
