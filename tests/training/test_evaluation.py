@@ -18,6 +18,7 @@ from evfsam_lightning.data.schema import Sample, SampleObject, encode_sample
 from evfsam_lightning.training.metrics import ReferringIoU
 from tests.data.conftest import write_shard
 from tests.training.conftest import clean_env
+from tests.training.test_presence import head_checkpoint  # noqa: F401
 
 
 def _logits(*pixels: list[tuple[int, int]], size: int = 4) -> torch.Tensor:
@@ -200,17 +201,23 @@ def test_benchmark_without_any_split_is_a_one_line_error(tmp_path, tiny_checkpoi
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_generalized_metrics_are_the_same_on_one_and_two_ranks(tmp_path, tiny_checkpoint):
+def test_generalized_metrics_are_the_same_on_one_and_two_ranks(tmp_path, head_checkpoint):  # noqa: F811
+    """With a presence head (its decision and its threshold sweep, both summed over ranks)."""
     _write_split(tmp_path / "val", _split(3, with_no_target=True) + _split(7, with_no_target=True))
     for devices in (1, 2):
         result = subprocess.run(
-            [sys.executable, "-m", "evfsam_lightning.cli.evaluate", "--checkpoint", str(tiny_checkpoint),
+            [sys.executable, "-m", "evfsam_lightning.cli.evaluate", "--checkpoint", str(head_checkpoint),
              "--data", f"val={tmp_path / 'val'}", "--devices", str(devices), "--accelerator", "cpu",
              "--workers", "0", "--batch-size", "1", "--no-progress", "--out", str(tmp_path / f"r{devices}.json")],
             cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    one, two = (json.loads((tmp_path / f"r{d}.json").read_text())["splits"]["val"] for d in (1, 2))
-    assert one == two and one["expressions"] == 22 and one["no_target"] == 4
+    one, two = (json.loads((tmp_path / f"r{d}.json").read_text()) for d in (1, 2))
+    # sums over ranks: equal up to the order of the float64 additions
+    assert one["splits"]["val"] == pytest.approx(two["splits"]["val"], rel=1e-12)
+    for a, b in zip(one["presence_sweep"]["val"], two["presence_sweep"]["val"], strict=True):
+        assert a == pytest.approx(b, rel=1e-12)
+    assert one["splits"]["val"]["expressions"] == 22 and one["splits"]["val"]["no_target"] == 4
+    assert len(one["presence_sweep"]["val"]) == 11
 
 
 def test_validation_during_training_reports_the_generalized_metrics():
