@@ -18,8 +18,11 @@ threshold): a rejected expression is an empty prediction, and a no-target expres
 rejected and 0 when not, whatever the decoder drew (the GRES protocol, where a separate no-target
 output decides). `PresenceSweep` gives the same numbers at several thresholds from one pass.
 
-States are sums, so they add up exactly across ranks. One metric tracks several sources at once
-(fixed source ids), which keeps the state shapes equal on every rank.
+States are int64 sums (pixel counts, expression counts, and each expression's I/U in fixed point,
+`round(I/U * 2**32)`), so they add up exactly in any order: the numbers do not depend on how the
+expressions are split over ranks, and no strategy's float cast (DeepSpeed makes float states
+float32) rounds them. One metric tracks several sources at once (fixed source ids), which keeps
+the state shapes equal on every rank.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from torchmetrics import Metric
 
 IGNORE_VALUE = 255
 _STATES = ("intersection", "union", "iou_sum", "count", "no_target", "no_target_empty", "target_found")
+#: one expression's I/U in the int64 `iou_sum` state: 2**-32 resolution, room for 2**31 expressions
+IOU_SCALE = 2 ** 32
 
 
 def mask_areas(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -54,7 +59,7 @@ class ReferringIoU(Metric):
         self.sources = list(sources)
         n = len(self.sources)
         for name in _STATES:
-            self.add_state(name, default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(name, default=torch.zeros(n, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, source_ids: torch.Tensor,
                rejected: torch.Tensor | None = None) -> None:
@@ -86,17 +91,15 @@ def expression_values(a: dict[str, torch.Tensor], rejected: torch.Tensor) -> dic
     # A target expression scores I/U (its union holds its target pixels); a no-target one 1 when
     # rejected. Without a head `rejected` is "predicted empty", where this is I/U with an empty union as 1.
     iou = torch.where(no_target, rejected.double(), inter / union.clamp_min(1))
-    return {"intersection": inter, "union": union, "iou_sum": iou, "count": torch.ones_like(iou),
-            "no_target": no_target.double().expand_as(iou), "no_target_empty": (no_target & rejected).double(),
-            "target_found": (~no_target & ~rejected).double()}
+    return {"intersection": inter, "union": union, "iou_sum": torch.round(iou * IOU_SCALE),
+            "count": torch.ones_like(iou), "no_target": no_target.expand_as(iou),
+            "no_target_empty": no_target & rejected, "target_found": ~no_target & ~rejected}
 
 
 def _add(metric: Metric, values: dict[str, torch.Tensor], source_ids: torch.Tensor) -> None:
     ids = source_ids.to(metric.intersection.device)
     for name, value in values.items():
-        state = getattr(metric, name)
-        # Strategies may cast the states (DeepSpeed makes them float32): follow the state dtype.
-        state.index_add_(0, ids, value.to(state))
+        getattr(metric, name).index_add_(0, ids, value.to(torch.int64))
 
 
 class PresenceSweep(Metric):
@@ -113,7 +116,7 @@ class PresenceSweep(Metric):
         self.sources = list(sources)
         self.thresholds = [float(t) for t in thresholds]
         for name in _STATES:
-            self.add_state(name, default=torch.zeros(len(self.sources), len(self.thresholds), dtype=torch.float64),
+            self.add_state(name, default=torch.zeros(len(self.sources), len(self.thresholds), dtype=torch.int64),
                            dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, source_ids: torch.Tensor,
@@ -138,8 +141,8 @@ class PresenceSweep(Metric):
 def _summary(s: dict[str, torch.Tensor], generalized: bool = False) -> dict[str, float]:
     n = float(s["count"])
     out = {
-        "giou": float(s["iou_sum"] / s["count"]) if n else float("nan"),
-        "ciou": float(s["intersection"] / s["union"]) if float(s["union"]) > 0 else (1.0 if n else float("nan")),
+        "giou": int(s["iou_sum"]) / IOU_SCALE / n if n else float("nan"),
+        "ciou": int(s["intersection"]) / int(s["union"]) if int(s["union"]) > 0 else (1.0 if n else float("nan")),
         "expressions": int(n),
     }
     no_target = float(s["no_target"])

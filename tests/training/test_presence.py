@@ -262,15 +262,22 @@ STEPS = 100
 
 
 def _val_split_with_negatives(folder, n: int = 32, seed: int = 0) -> tuple[int, int]:
-    """Synthetic validation images, each with 1-2 no-target expressions naming absent colours (about a
-    third of all expressions), written as a real shard folder; returns (expressions, no-target ones)."""
+    """Synthetic validation images, each object with one of its expressions (every one is scored) and
+    1-2 no-target expressions naming absent colours (about a third of all expressions), written as a
+    real shard folder; returns (expressions, no-target ones)."""
+    import dataclasses
+
     from evfsam_lightning.data.shards import ShardWriter
 
     writer = ShardWriter(folder, "synthetic_gres-val", 1000, format="synthetic", split="val")
     expressions = no_target = 0
     for i in range(n):
+        rng = np.random.default_rng([seed, i])
         sample = make_sample(seed, "val", i)
-        sample, _ = add_negatives(sample, [], SYNTHETIC_VOCABULARY, 1 + i % 2, np.random.default_rng([seed, i]))
+        sample = dataclasses.replace(sample, objects=[
+            dataclasses.replace(o, expressions=[o.expressions[rng.integers(len(o.expressions))]])
+            for o in sample.objects])
+        sample, _ = add_negatives(sample, [], SYNTHETIC_VOCABULARY, 1 + i % 2, rng)
         writer.write(sample)
         for o in sample.objects:
             expressions += len(o.expressions)
