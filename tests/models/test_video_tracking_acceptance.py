@@ -57,7 +57,7 @@ def _tokenizer(folder):
     from evfsam_lightning.data.tokenizer import build_tokenizer, load_tokenizer
 
     sentences = [f"the {c} {w}" for c in COLOURS for w in (*SHAPES, "one", "shape", "object")] + [CONTROL_TEXT]
-    return load_tokenizer(build_tokenizer(sentences * 4, folder, vocab_size=48))
+    return load_tokenizer(build_tokenizer(sentences * 4, folder, vocab_size=64))
 
 
 def _model():
@@ -88,21 +88,21 @@ def train_tracker(model, tokenizer, steps: int, batch: int = 4, clip_frames: int
     rng = np.random.default_rng(seed)
     losses = []
     for _ in range(steps):
-        clips = []
-        for _ in range(batch):
-            video, masks, texts = moving_clip(rng, clip_frames)
-            k = int(rng.integers(3))
-            clips.append((video, masks[k], texts[k]))
-        ids, attn = tokenize(tokenizer, [c[2] for c in clips])
-        beit = torch.stack([transforms.beit3_preprocess(c[0][0], model.beit3_image_size) for c in clips])
+        # every shape of every clip is one object (as the quickstart's several expressions per image):
+        # the same frames with different sentences must give different masks
+        clips = [moving_clip(rng, clip_frames) for _ in range(batch)]
+        texts = [text for _, _, clip_texts in clips for text in clip_texts]
+        ids, attn = tokenize(tokenizer, texts)
+        beit = torch.stack([transforms.beit3_preprocess(video[0], model.beit3_image_size)
+                            for video, _, clip_texts in clips for _ in clip_texts])
         track = ObjectTrack(1, 0, model.prompt_embeddings(beit, ids, attn))
         logits, targets, scores = [], [], []
         for t in range(clip_frames):
-            pixels = torch.stack([video_frame_preprocess(c[0][t], IMAGE_SIZE) for c in clips])
-            feats = tracker.frame_features(pixels)
+            pixels = torch.stack([video_frame_preprocess(video[t], IMAGE_SIZE) for video, _, _ in clips])
+            feats = {k: v.repeat_interleave(3, dim=0) for k, v in tracker.frame_features(pixels).items()}
             r = tracker.step(feats, track, t, False, (FRAME, FRAME))
             logits.append(F.interpolate(r.low_res, size=(FRAME, FRAME), mode="bilinear", align_corners=False)[:, 0])
-            targets.append(torch.from_numpy(np.stack([c[1][t] for c in clips])).to(torch.uint8))
+            targets.append(torch.from_numpy(np.stack([m[t] for _, masks, _ in clips for m in masks])).to(torch.uint8))
             scores.append(r.object_score)
         # SAM-2 gates the masks of an object it scores absent (logits -1024, no gradient): the score learns
         # that the named shape is present on every frame; the gated logits are clamped out of the loss.
@@ -185,7 +185,7 @@ def test_trained_tiny_evfsam2_tracks_the_named_shape_better_than_a_text_blind_co
         tokenizer = _tokenizer(tmp_path / "tokenizer")
         model = _model()
         steps = int(os.environ.get(f"{ACCEPTANCE_ENV}_STEPS", "300"))
-        losses = train_tracker(model, tokenizer, steps=steps, clip_frames=2)
+        losses = train_tracker(model, tokenizer, steps=steps, batch=2, clip_frames=2)
         trained = time.perf_counter() - start
         rng = np.random.default_rng(12345)
         clips = []
