@@ -81,9 +81,9 @@ def load_sequences(name: str, root: Path, split: str, max_expressions: int | Non
         return _mevis_sequences(name, root, split, mevis_meta, max_expressions)
     meta_file = root / "meta_expressions" / split / "meta_expressions.json"
     if not meta_file.is_file():
-        raise ConfigError(f"{name}: neither {meta_file} (Ref-DAVIS17 / Ref-YouTube-VOS) nor {mevis_meta} (MeViS) "
-                          "found (layout: ROOT/meta_expressions/SPLIT/meta_expressions.json or "
-                          "ROOT/SPLIT/meta_expressions.json)")
+        raise ConfigError(f"{name}: {meta_file} not found, nor {mevis_meta} (layout: "
+                          "ROOT/meta_expressions/SPLIT/meta_expressions.json for Ref-DAVIS17 / Ref-YouTube-VOS, "
+                          "ROOT/SPLIT/meta_expressions.json for MeViS)")
     videos = _read_meta(meta_file)
     sequences = []
     for video in sorted(videos):
