@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from evfsam_lightning.cli.slurm import Job, LaunchError, render_batch_script, slurm_time_seconds
-from evfsam_lightning.testing import LocalSlurmCluster
-from evfsam_lightning.testing.slurm_cluster import TERMINAL_STATES
 from evfsam_lightning.training.signals import EXIT_PREEMPTED
+from tests.slurm.cluster import TERMINAL_STATES, LocalSlurmCluster
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
