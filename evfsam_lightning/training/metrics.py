@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
-IGNORE_VALUE = 255
+from evfsam_lightning.data.schema import IGNORE_VALUE
+
 _STATES = ("intersection", "union", "iou_sum", "count", "no_target", "no_target_empty", "target_found")
 
 

@@ -179,6 +179,8 @@ class EvfSamModule(L.LightningModule):
 
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's logs (the test its own LearningRateMonitor makes)."""
+        # Private on purpose: Lightning 2.6.6 has no public `should_update_logs` (its own
+        # LearningRateMonitor reads this same attribute); re-deriving it would need private loop counters.
         return self.trainer._logger_connector.should_update_logs
 
     # -- training ------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import socket
-import tarfile
 import time
 import uuid
 import warnings
@@ -55,14 +54,15 @@ def _file_lock(path: Path):
 
 
 def _expressions_in_shards(folder: Path) -> list[str]:
-    """Every expression of the JSON records of a shard folder (members are read, not decoded)."""
+    """Every expression of the JSON records of a shard folder (read with the stream's shard reader;
+    images are not decoded). A damaged shard raises: the folder was just written."""
+    from evfsam_lightning.data.stream import SkipLog, iter_shard
+
     out = []
     for tar in sorted(folder.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            for member in t:
-                if member.name.endswith(".json"):
-                    record = json.loads(t.extractfile(member).read())
-                    out.extend(e for o in record["objects"] for e in o["expressions"])
+        for sample in iter_shard(str(tar), SkipLog(strict=True)):
+            record = json.loads(sample["json"])
+            out.extend(e for o in record["objects"] for e in o["expressions"])
     return out
 
 
@@ -339,6 +339,9 @@ def _resume_chosen_by_rank_zero(trainer: L.Trainer, cfg: RunConfig) -> None:
     once the ranks are connected; rank 0 looks at the file system, every rank takes its answer (a
     broadcast), so ranks that see the run directory differently (a checkpoint appearing, a network
     file system's cache) still resume from the same checkpoint. An error is raised on every rank."""
+    # Private on purpose: Lightning 2.6.6 has no public hook that picks the checkpoint after the ranks
+    # are connected (`fit(ckpt_path=...)` is fixed before the process group exists); this wraps the
+    # connector's own `resume_start`, which `fit` calls at that moment.
     connector = trainer._checkpoint_connector
     original = connector.resume_start
 
