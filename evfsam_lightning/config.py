@@ -399,6 +399,11 @@ def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...
     return validate(cfg)
 
 
+def config_from_dict(d: dict) -> RunConfig:
+    """A RunConfig from a plain dict (a checkpoint's saved hparams), defaults filled, not validated."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), d))
+
+
 def _load_recipe(path: Path):
     """A recipe file as an OmegaConf mapping; a missing, unreadable, malformed or non-mapping file is
     a ConfigError naming it (YAML is parsed safely: tags that would build objects are refused)."""

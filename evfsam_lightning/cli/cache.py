@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda: torch sees no CUDA device (use --device cpu or auto)")
 
     from evfsam_lightning.data.stream import SkipLog, expand_urls
-    from evfsam_lightning.training.module import build_configured_model, model_size
+    from evfsam_lightning.models.from_config import build_configured_model, model_size
     from evfsam_lightning.training.run import data_config, resolve_pretrained
 
     cfg = resolve_pretrained(cfg)  # a missing file of model.pretrained, named; model.size=auto

@@ -510,7 +510,8 @@ def train(cfg: RunConfig) -> L.Trainer:
 def _train(cfg: RunConfig, holds_lock: bool) -> L.Trainer:
     from evfsam_lightning.data.datamodule import EvfDataModule
     from evfsam_lightning.data.embedding_cache import EmbeddingCacheError
-    from evfsam_lightning.training.module import EvfSamModule, model_size
+    from evfsam_lightning.models.from_config import model_size
+    from evfsam_lightning.training.module import EvfSamModule
 
     if holds_lock:  # what a killed save left behind; no save of this run can be under way now
         for path in remove_stale_staging(cfg.run_dir / "checkpoints"):
