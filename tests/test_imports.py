@@ -98,6 +98,19 @@ def test_no_import_cycle_between_package_modules():
     assert _cycles(graph) == []
 
 
+# Load-time imports go down this list only (README "Layout"); a module may import its own layer.
+LAYERS = {"config": 0, "hub": 0, "data": 1, "models": 2, "training": 3, "deploy": 3, "testing": 3, "cli": 4}
+ALLOWED_UPWARD = {("evfsam_lightning.models.parity", "evfsam_lightning.training.losses")}  # the fixture's loss
+
+
+def test_imports_go_down_the_layers():
+    modules = _modules()
+    layer = {name: LAYERS.get(name.split(".")[1] if "." in name else "config", 0) for name in modules}
+    upward = sorted((name, dep) for name, tree in modules.items() for dep in _top_level_imports(name, tree, set(modules))
+                    if layer[dep] > layer[name] and (name, dep) not in ALLOWED_UPWARD)
+    assert upward == []
+
+
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

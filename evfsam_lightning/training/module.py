@@ -1,4 +1,7 @@
-"""The LightningModule: EVF-SAM with the reference loss, optimiser, schedule and metrics."""
+"""The LightningModule: EVF-SAM with the reference loss, optimiser, schedule and metrics.
+
+A little over 350 lines on purpose (one concept): Lightning's hooks for one model, training and
+validation steps with their logging, non-finite-loss handling and the cached/frozen encoder paths."""
 
 from __future__ import annotations
 

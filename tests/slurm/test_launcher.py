@@ -44,7 +44,7 @@ def _free_port() -> int:
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart's synthetic dataset, small (64 train / 16 val images), generated once."""
     from evfsam_lightning.config import load
-    from evfsam_lightning.training.run import ensure_synthetic
+    from evfsam_lightning.training.synthetic import ensure_synthetic
 
     folder = tmp_path_factory.mktemp("synthetic") / "data"
     ensure_synthetic(load(QUICKSTART, [f"data.synthetic.dir={folder}", "data.synthetic.train=64",
