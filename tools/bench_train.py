@@ -7,7 +7,7 @@ minimal hand-written PyTorch loop on the same model and data.
         [--warmup 5] [--repeats 3] [--compare-plain] [--json OUT]
 
 Weights are random (nothing is downloaded). Batches are synthetic and in memory, in the batch-dict
-format of `data/batching.py` as the model receives it (SAM image already finished), with a fixed
+format of `data/collate.py` as the model receives it (SAM image already finished), with a fixed
 number of expressions per image; the same few batches cycle through a DataLoader.
 Modes: `frozen` = the reference trainable set (SAM image encoder frozen, run under no-grad),
 `full` = every weight trains (add `--activation-checkpointing` for BEiT-3 and SAM),

@@ -133,7 +133,7 @@ def _check_semantic_token(cfg: RunConfig) -> None:
     sources = [s for s in (*cfg.data.train, *cfg.data.val) if _source_tasks(s.urls) & set(SEMANTIC_TASKS)]
     if tokenizer is None or not sources:
         return
-    from evfsam_lightning.data.batching import cached_tokenizer
+    from evfsam_lightning.data.collate import cached_tokenizer
     from evfsam_lightning.models.from_config import model_size
 
     key, folder = tokenizer

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 class DataPositionReset(Callback):
     """After a resume with `checkpoint.reset_data_position=true` that changed the layout, the data
-    module restarts at an epoch boundary of the new layout (`datamodule.reset_position`); Lightning's
+    module restarts at an epoch boundary of the new layout (`train_stream.reset_position`); Lightning's
     loop counters are moved to match: the epoch's batch counter to 0, the run's batch counter to
     global_step x the new accumulation (so validation and accumulation windows fall on optimizer
     steps). Weights, optimizer, schedulers and global step stay as saved."""

@@ -27,7 +27,8 @@ def _file_lock(path: Path):
 def _expressions_in_shards(folder: Path) -> list[str]:
     """Every expression of the JSON records of a shard folder (read with the stream's shard reader;
     images are not decoded). A damaged shard raises: the folder was just written."""
-    from evfsam_lightning.data.stream import SkipLog, iter_shard
+    from evfsam_lightning.data.skips import SkipLog
+    from evfsam_lightning.data.stream import iter_shard
 
     out = []
     for tar in sorted(folder.glob("*.tar")):
