@@ -221,11 +221,31 @@ def _marks(command: str, args: list[str]) -> list:
     return marks
 
 
+@pytest.fixture(scope="module")
+def outcomes(request, files, tmp_path_factory) -> dict[int, tuple[Path, subprocess.CompletedProcess]]:
+    """Every selected case's subprocess, run three at a time (each its own process and working
+    folder, as a user would run it; most of a case's time is the interpreter starting, which
+    overlaps well on 2 cores): {index: (working folder, result)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = _cases(files)
+    wanted = [item.callspec.params["index"] for item in request.session.items
+              if getattr(item, "originalname", "") == "test_user_error_is_one_line_and_exit_2"
+              and not any(m.name == "skipif" and m.args and m.args[0] for m in item.iter_markers())]
+
+    def run(index: int) -> tuple[int, Path, subprocess.CompletedProcess]:
+        cwd = tmp_path_factory.mktemp(f"case{index}")
+        return index, cwd, _run(cases[index][0], cases[index][1], cwd)
+
+    with ThreadPoolExecutor(3) as pool:
+        return {index: (cwd, result) for index, cwd, result in pool.map(run, wanted)}
+
+
 @pytest.mark.parametrize("index", [pytest.param(i, marks=_marks(c, a)) for i, (c, a, _) in enumerate(CASES)],
                          ids=[f"{c}:{' '.join(a)[:60]}" for c, a, _ in CASES])
-def test_user_error_is_one_line_and_exit_2(index, files, tmp_path):
+def test_user_error_is_one_line_and_exit_2(index, files, outcomes):
     command, args, expected = _cases(files)[index]
-    result = _run(command, args, tmp_path)
+    tmp_path, result = outcomes[index]
     lines = result.stderr.strip().splitlines()
     shown = f"{command} {' '.join(args)}\nstderr:\n{result.stderr[-3000:]}"
     assert result.returncode == 2, shown

@@ -13,8 +13,11 @@ N-acc = no-target expressions predicted empty / no-target expressions, and
 T-acc = target expressions predicted non-empty / target expressions. They are reported (keys
 "no_target", "n_acc", "t_acc") for every split that holds no-target expressions.
 
-States are sums, so they add up exactly across ranks. One metric tracks several sources at once
-(fixed source ids), which keeps the state shapes equal on every rank.
+States are int64 sums (pixel counts, expression counts, and each expression's I/U in fixed point,
+`round(I/U * 2**32)`), so they add up exactly in any order: the numbers do not depend on how the
+expressions are split over ranks, and no strategy's float cast (DeepSpeed makes float states
+float32) rounds them. One metric tracks several sources at once (fixed source ids), which keeps
+the state shapes equal on every rank.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from torchmetrics import Metric
 from evfsam_lightning.data.schema import IGNORE_VALUE
 
 _STATES = ("intersection", "union", "iou_sum", "count", "no_target", "no_target_empty", "target_found")
+#: one expression's I/U in the int64 `iou_sum` state: 2**-32 resolution, room for 2**31 expressions
+IOU_SCALE = 2 ** 32
 
 
 def mask_areas(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -50,7 +55,7 @@ class ReferringIoU(Metric):
         self.sources = list(sources)
         n = len(self.sources)
         for name in _STATES:
-            self.add_state(name, default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(name, default=torch.zeros(n, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, source_ids: torch.Tensor) -> None:
         a = mask_areas(logits, target.to(logits.device))
@@ -59,17 +64,17 @@ class ReferringIoU(Metric):
         predicted = a["predicted"] > 0
         values = {
             "intersection": inter, "union": union,
-            "iou_sum": torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)),
+            "iou_sum": torch.round(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+                                   * IOU_SCALE),
             "count": torch.ones_like(inter),
-            "no_target": no_target.double(),
-            "no_target_empty": (no_target & ~predicted).double(),
-            "target_found": (~no_target & predicted).double(),
+            "no_target": no_target,
+            "no_target_empty": no_target & ~predicted,
+            "target_found": ~no_target & predicted,
         }
         ids = source_ids.to(self.intersection.device)
         for name, value in values.items():
             state = getattr(self, name)
-            # Strategies may cast the states (DeepSpeed makes them float32): follow the state dtype.
-            state.index_add_(0, ids, value.to(state))
+            state.index_add_(0, ids, value.to(torch.int64))
 
     def compute(self) -> dict[str, dict[str, float]]:
         """{source: {"giou", "ciou", "expressions"[, "no_target", "n_acc", "t_acc"]}} plus "all"
@@ -82,8 +87,8 @@ class ReferringIoU(Metric):
 def _summary(s: dict[str, torch.Tensor]) -> dict[str, float]:
     n = float(s["count"])
     out = {
-        "giou": float(s["iou_sum"] / s["count"]) if n else float("nan"),
-        "ciou": float(s["intersection"] / s["union"]) if float(s["union"]) > 0 else (1.0 if n else float("nan")),
+        "giou": int(s["iou_sum"]) / IOU_SCALE / n if n else float("nan"),
+        "ciou": int(s["intersection"]) / int(s["union"]) if int(s["union"]) > 0 else (1.0 if n else float("nan")),
         "expressions": int(n),
     }
     no_target = float(s["no_target"])

@@ -208,10 +208,10 @@ def test_preempted_by_signal_and_time_limit_requeues_and_matches_uninterrupted(
                  *tiny(synthetic, tmp_path / "runs", "preempted", steps=steps, every=10, ranks=2))
     wait_requeued(cluster, job, restarts=1, timeout=90)
     assert 0 < last_step(run_dir) < steps, job_log(run_dir, job)
-    # The remaining runs get all the time they need; two of them are preempted by hand.
+    # The remaining runs get all the time they need; the next one is preempted by hand (USR1).
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"], env=cluster.env, check=True)
     cluster.requeue_now(job)
-    for restart in (2, 3):
+    for restart in (2,):
         resumed_at = last_step(run_dir)
         wait_until(lambda at=resumed_at: last_step(run_dir) > at, "checkpoint after the resume", cluster, job)
         cluster.signal(job, "USR1")
@@ -221,9 +221,9 @@ def test_preempted_by_signal_and_time_limit_requeues_and_matches_uninterrupted(
     assert cluster.wait(reference, timeout=240) == "COMPLETED", job_log(tmp_path / "runs" / "reference", reference)
 
     log = job_log(run_dir, job)
-    assert log.count("preempted: saved") == 3, log
-    assert log.count(f"requeued SLURM job {job}") == 3, log
-    assert cluster.job_info(job)["Restarts"] == "3"
+    assert log.count("preempted: saved") == 2, log
+    assert log.count(f"requeued SLURM job {job}") == 2, log
+    assert cluster.job_info(job)["Restarts"] == "2"
     assert_same_weights(final_weights(run_dir, steps), final_weights(tmp_path / "runs" / "reference", steps))
 
 

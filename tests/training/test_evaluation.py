@@ -258,3 +258,26 @@ def test_converted_grefcoco_split_reports_the_generalized_metrics(tmp_path, tiny
     r = json.loads((tmp_path / "r.json").read_text())["splits"]["gval"]
     # val: "small person" (a target) and the no-target ref's "a horse", "horse on the left"
     assert (r["expressions"], r["no_target"]) == (3, 2) and {"n_acc", "t_acc"} <= set(r)
+
+
+def test_metric_sums_do_not_depend_on_how_expressions_are_split_over_ranks():
+    """IoUs 0.1, 0.2 and 0.3 summed as (0.1 + 0.2) + 0.3 and as 0.1 + (0.2 + 0.3) differ in the last
+    bit in float64; the int64 states give one answer for any split (here: two "ranks" whose states
+    are added, as the all-reduce does)."""
+    def masks(k: int) -> tuple[torch.Tensor, torch.Tensor]:  # I = k pixels, U = 10 pixels
+        logits = torch.full((1, 1, 10), -1.0)
+        logits[..., :k] = 1.0
+        target = torch.ones(1, 1, 10, dtype=torch.long)
+        return logits, target
+
+    one = ReferringIoU(["g"])
+    for k in (1, 2, 3):
+        one.update(*masks(k), torch.zeros(1, dtype=torch.long))
+    first, second = ReferringIoU(["g"]), ReferringIoU(["g"])
+    first.update(*masks(1), torch.zeros(1, dtype=torch.long))
+    for k in (2, 3):
+        second.update(*masks(k), torch.zeros(1, dtype=torch.long))
+    for name in ("intersection", "union", "iou_sum", "count"):
+        getattr(first, name).add_(getattr(second, name))
+    assert first.compute() == one.compute()
+    assert one.compute()["g"]["giou"] == pytest.approx(0.2, abs=1e-9)

@@ -26,6 +26,7 @@ from evfsam_lightning.config import load
 from evfsam_lightning.training.signals import EXIT_PREEMPTED
 from tests.conftest import REPO
 from tests.training.conftest import clean_env, synthetic_dir  # noqa: F401
+from tests.training.test_strategies import _assert_complete, strategy_key
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 STEPS, RANKS, MICRO = 4, 2, 1
@@ -111,13 +112,26 @@ def _final_weights(run_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state["state_dict"].items() if k.startswith("model.")}
 
 
-def _frozen_names(cfg) -> list[str]:
+def _frozen_weights(cfg) -> dict[str, torch.Tensor]:
+    """The frozen weights of the recipe's model as its fp32 pretrained files hold them."""
     from evfsam_lightning.models.from_config import build_configured_model
     from evfsam_lightning.training.trainable import apply_trainable
 
     model = build_configured_model(cfg)
     m = cfg.model
-    return apply_trainable(model, model.config.family, m.mode, m.freeze, m.unfreeze, lora=m.lora.rank > 0)["frozen"]
+    frozen = apply_trainable(model, model.config.family, m.mode, m.freeze, m.unfreeze, lora=m.lora.rank > 0)["frozen"]
+    state = model.state_dict()
+    return {name: state[name] for name in frozen}
+
+
+def _serve(args: list[str], world: Path) -> None:
+    """A CLI's `main` in this process (same code as the console script, without another ~9 s interpreter
+    start): the run's export, evaluation and prediction."""
+    import importlib
+
+    module, *argv = args
+    with contextlib.chdir(world):
+        assert importlib.import_module(module).main(argv) == 0, " ".join(args)
 
 
 @pytest.mark.slow
@@ -160,21 +174,28 @@ def test_recipe_trains_preempts_resumes_and_serves(recipe, synthetic_dir, tmp_pa
     assert not differ, f"{len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
 
     final = run_dir / "checkpoints" / f"step-{STEPS:08d}.ckpt"
-    if not cfg.checkpoint.save_frozen:  # as the strategy wrote it: no frozen weight on disk
+    _assert_complete(final.parent, strategy_key(cfg), STEPS)  # the strategy's own layout, every part marked
+    if not cfg.checkpoint.save_frozen:
+        from evfsam_lightning.training.loading import load_for_inference
         from tests.training.test_dtypes import _saved_keys
 
         with contextlib.chdir(world):  # the recipe's relative paths
-            frozen = {f"model.{n}" for n in _frozen_names(tiny)}
-        assert frozen and not frozen & _saved_keys(final), sorted(frozen & _saved_keys(final))[:5]
+            frozen = _frozen_weights(tiny)
+            loaded = load_for_inference(final)[0].state_dict()
+        # As the strategy wrote it: no frozen weight on disk; loading takes them from the fp32
+        # pretrained files bit for bit, never from a lower-precision copy.
+        assert frozen and not {f"model.{n}" for n in frozen} & _saved_keys(final)
+        for name, weight in frozen.items():
+            assert loaded[name].dtype == torch.float32 and torch.equal(loaded[name], weight), name
 
     # Consolidate, export, evaluate and predict from the result.
-    _run(["evfsam_lightning.cli.export", "--checkpoint", str(final), "--out", "exported"], world)
-    _run(["evfsam_lightning.cli.evaluate", "--checkpoint", "exported", "--data",
-          f"val={synthetic_dir / 'val'}", "--accelerator", "cpu", "--workers", "0", "--out", "eval.json"], world)
     image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     from PIL import Image
 
     Image.fromarray(image).save(world / "image.png")
-    _run(["evfsam_lightning.cli.predict", "--checkpoint", "exported", "--image", "image.png", "--text",
-          "the red circle", "--out", "mask.png", "--device", "cpu"], world)
+    _serve(["evfsam_lightning.cli.export", "--checkpoint", str(final), "--out", "exported"], world)
+    _serve(["evfsam_lightning.cli.evaluate", "--checkpoint", "exported", "--data", f"val={synthetic_dir / 'val'}",
+            "--accelerator", "cpu", "--workers", "0", "--out", "eval.json"], world)
+    _serve(["evfsam_lightning.cli.predict", "--checkpoint", "exported", "--image", "image.png", "--text",
+            "the red circle", "--out", "mask.png", "--device", "cpu"], world)
     assert (world / "mask.png").is_file() and (world / "eval.json").is_file()
