@@ -15,10 +15,18 @@ from tests.conftest import REPO
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port not handed out before in this session (runs started side by side must not share one)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def clean_env() -> dict[str, str]:
@@ -35,11 +43,25 @@ def train_command(*overrides: str, recipe: Path = QUICKSTART) -> list[str]:
             *overrides]
 
 
+def start_training(cwd: Path, *overrides: str, recipe: Path = QUICKSTART) -> subprocess.Popen:
+    """A training run in the background (its own port): a reference run beside the run under test;
+    `finish_training` collects it."""
+    return subprocess.Popen(train_command(*overrides, recipe=recipe), cwd=cwd, env=clean_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish_training(job: subprocess.Popen, timeout: int = 400) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        raise
+    assert job.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+
+
 def run_training(cwd: Path, *overrides: str, timeout: int = 400, recipe: Path = QUICKSTART) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_command(*overrides, recipe=recipe), cwd=cwd, env=clean_env(), capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
+    return finish_training(start_training(cwd, *overrides, recipe=recipe), timeout)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,15 @@ from evfsam_lightning.training.callbacks import (
     verify_checkpoint,
 )
 from evfsam_lightning.training.run_lock import RunLock
-from tests.training.conftest import clean_env, run_training, small_run, synthetic_dir, train_command  # noqa: F401
+from tests.training.conftest import (  # noqa: F401
+    clean_env,
+    finish_training,
+    run_training,
+    small_run,
+    start_training,
+    synthetic_dir,
+    train_command,
+)
 
 
 def damage(path: Path, how: str) -> None:
@@ -297,7 +305,7 @@ def test_sharded_fsdp_checkpoint_damaged_on_one_rank_falls_back_and_ends_like_an
     straight_dir, damaged_dir = tmp_path / "straight", tmp_path / "damaged"
     straight_dir.mkdir()
     damaged_dir.mkdir()
-    run_training(straight_dir, *overrides, timeout=900)
+    straight_job = start_training(straight_dir, *overrides)  # beside the damaged run
     first = run_training(damaged_dir, *overrides, "trainer.max_steps=4", timeout=900)  # steps 2 and 4 kept
     assert "starting from scratch" in first.stdout
     ckpt_dir = damaged_dir / "runs" / "quickstart" / "checkpoints"
@@ -317,6 +325,7 @@ def test_sharded_fsdp_checkpoint_damaged_on_one_rank_falls_back_and_ends_like_an
         assert state["global_step"] == 6
         return {k: v for k, v in state["state_dict"].items() if k.startswith("model.")}
 
+    finish_training(straight_job, timeout=900)
     _assert_same(final(damaged_dir), final(straight_dir))
 
 

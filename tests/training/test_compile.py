@@ -6,20 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.training.conftest import run_training, small_run
+from tests.training.conftest import finish_training, small_run, start_training
 from tests.training.test_resume import _final_weights
 
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager_and_keeps_checkpoint_keys(tmp_path, synthetic_dir):
-    weights = {}
-    for name in ("eager", "compiled"):
-        cwd = tmp_path / name
-        cwd.mkdir()
-        run_training(cwd, *small_run(synthetic_dir, "trainer.max_steps=3", "checkpoint.every_n_steps=3",
-                                     "model.mode=full", "logging.tensorboard=false",
-                                     f"model.compile={str(name == 'compiled').lower()}"), timeout=900)
-        weights[name], step = _final_weights(cwd / "runs" / "quickstart")
+    weights, jobs = {}, {}
+    for name in ("eager", "compiled"):  # side by side, each in its own folder
+        (tmp_path / name).mkdir()
+        jobs[name] = start_training(tmp_path / name, *small_run(
+            synthetic_dir, "trainer.max_steps=3", "checkpoint.every_n_steps=3", "model.mode=full",
+            "logging.tensorboard=false", f"model.compile={str(name == 'compiled').lower()}"))
+    for name, job in jobs.items():
+        finish_training(job, timeout=900)
+        weights[name], step = _final_weights(tmp_path / name / "runs" / "quickstart")
         assert step == 3
     assert weights["eager"].keys() == weights["compiled"].keys()  # no `_orig_mod.` prefixes
     changed = 0

@@ -93,12 +93,24 @@ def _overrides(cfg, synthetic: Path) -> list[str]:
     return out
 
 
+def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**clean_env(), "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _finish(job: subprocess.Popen, ok=(0,), timeout: int = 600) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        raise
+    done = subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+    assert job.returncode in ok, f"{' '.join(job.args[2:])} -> {job.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    return done
+
+
 def _run(args: list[str], cwd: Path, env: dict | None = None, ok=(0,), timeout: int = 600):
-    job = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env={**clean_env(), "OMP_NUM_THREADS": "1",
-                                                                        **(env or {})},
-                         capture_output=True, text=True, timeout=timeout)
-    assert job.returncode in ok, f"{' '.join(args)} -> {job.returncode}\n{job.stdout[-3000:]}\n{job.stderr[-6000:]}"
-    return job
+    return _finish(_start(args, cwd, env), ok, timeout)
 
 
 def _final_weights(run_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -155,16 +167,22 @@ def test_recipe_trains_preempts_resumes_and_serves(recipe, synthetic_dir, tmp_pa
     if cfg.data.embedding_cache:
         _run(["evfsam_lightning.cli.cache", *base, "--out", cfg.data.embedding_cache, "--device", "cpu"], world)
 
-    # Uninterrupted reference, then the same command preempted mid-window and run again.
-    _run(["tests.training.preempt_job", *base, "root_dir=reference"], world)
+    # Uninterrupted reference, and beside it (its own folder and port; the two overlap their
+    # interpreter starts) the same command preempted mid-window, then run again.
+    reference_job = _start(["tests.training.preempt_job", *base, "root_dir=reference"], world)
     # Mid-window of step 3 (micro-batches 2A..3A-1, the signal after one of them, not the last);
     # with no accumulation (A=1, quickstart) a window has one micro-batch: the signal comes after
     # step 2 and the save at the end of step 3.
-    at = 2 * accumulate + accumulate // 2 - 1 if accumulate > 1 else 1
-    first = _run(["tests.training.preempt_job", *base, "root_dir=runs"], world,
-                 env={"EVFSAM_TEST_PREEMPT_AT": str(at)}, ok=(EXIT_PREEMPTED,))
-    assert "preempted: saved" in first.stdout, first.stdout[-2000:]
-    second = _run(["tests.training.preempt_job", *base, "root_dir=runs"], world)
+    try:
+        at = 2 * accumulate + accumulate // 2 - 1 if accumulate > 1 else 1
+        first = _run(["tests.training.preempt_job", *base, "root_dir=runs"], world,
+                     env={"EVFSAM_TEST_PREEMPT_AT": str(at)}, ok=(EXIT_PREEMPTED,))
+        assert "preempted: saved" in first.stdout, first.stdout[-2000:]
+        second = _run(["tests.training.preempt_job", *base, "root_dir=runs"], world)
+        _finish(reference_job)
+    finally:
+        if reference_job.poll() is None:  # a failed assertion above
+            reference_job.kill()
     assert "resuming from" in second.stdout
     run_dir = world / "runs" / cfg.name
     reference = _final_weights(world / "reference" / cfg.name, tmp_path)

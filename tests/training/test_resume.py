@@ -18,7 +18,15 @@ from evfsam_lightning.training.callbacks import (
     marker_of,
     remove_checkpoint,
 )
-from tests.training.conftest import clean_env, run_training, small_run, synthetic_dir, train_command  # noqa: F401
+from tests.training.conftest import (  # noqa: F401
+    clean_env,
+    finish_training,
+    run_training,
+    small_run,
+    start_training,
+    synthetic_dir,
+    train_command,
+)
 
 
 def _mark(path: Path, step: int) -> None:
@@ -74,9 +82,14 @@ def test_sigkill_then_same_command_ends_with_identical_weights(tmp_path, synthet
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir()
     killed.mkdir()
-    run_training(straight, *overrides)
-    _kill_after_first_checkpoint(killed, overrides, delay=1.5)
-    resumed = run_training(killed, *overrides)
+    straight_job = start_training(straight, *overrides)  # beside the killed run
+    try:
+        _kill_after_first_checkpoint(killed, overrides, delay=1.5)
+        resumed = run_training(killed, *overrides)
+        finish_training(straight_job)
+    finally:
+        if straight_job.poll() is None:
+            straight_job.kill()
     assert "resuming from" in resumed.stdout
     a, step_a = _final_weights(straight / "runs" / "quickstart")
     b, step_b = _final_weights(killed / "runs" / "quickstart")

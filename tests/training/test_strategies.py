@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.training.conftest import free_port
 
 RECIPE = REPO / "recipes" / "quickstart.yaml"
 COMMON = [
@@ -51,33 +51,44 @@ LAYOUT = {
 FIRST, LAST = 6, 9  # step 6 is mid-epoch (8 batches per rank and epoch), step 9 in the second epoch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     drop = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
             "MASTER_PORT", "PL_TRAINER_GPUS", "PL_GLOBAL_SEED")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p))
     return env
 
 
-def _run(args: list[str], cwd: Path, timeout: int = 300) -> str:
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(job: subprocess.Popen, timeout: int = 300) -> str:
     t0 = time.perf_counter()
-    job = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-                         timeout=timeout)
-    assert job.returncode == 0, f"{' '.join(args)}\n{job.stdout[-3000:]}\n{job.stderr[-6000:]}"
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        raise
+    args = job.args[2:]
+    assert job.returncode == 0, f"{' '.join(args)}\n{stdout[-3000:]}\n{stderr[-6000:]}"
     print(f"{time.perf_counter() - t0:5.1f} s  {' '.join(args[:2])} {' '.join(a for a in args if 'strategy' in a)}")
-    return job.stdout
+    return stdout
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 300) -> str:
+    return _finish(_start(args, cwd), timeout)
+
+
+def _start_training(root: Path, strategy: str, steps: int, synthetic: Path) -> subprocess.Popen:
+    return _start(["evfsam_lightning.cli.train", str(RECIPE), f"root_dir={root}", f"data.synthetic.dir={synthetic}",
+                   f"trainer.max_steps={steps}", *COMMON, *STRATEGIES[strategy]], cwd=root.parent)
 
 
 def _train(root: Path, strategy: str, steps: int, synthetic: Path) -> str:
-    return _run(["evfsam_lightning.cli.train", str(RECIPE), f"root_dir={root}", f"data.synthetic.dir={synthetic}",
-                 f"trainer.max_steps={steps}", *COMMON, *STRATEGIES[strategy]], cwd=root.parent)
+    return _finish(_start_training(root, strategy, steps, synthetic))
 
 
 def _model_weights(state_dict: dict) -> dict[str, torch.Tensor]:
@@ -165,6 +176,9 @@ def test_train_resume_consolidate_export(strategy, synthetic, tmp_path):
     root = tmp_path / "runs"
     folder = root / "run" / "checkpoints"
 
+    # The same strategy without interruption, beside the interrupted runs (own folder and port).
+    (tmp_path / "uninterrupted").mkdir()
+    uninterrupted_job = _start_training(tmp_path / "uninterrupted" / "runs", strategy, LAST, synthetic)
     out = _train(root, strategy, FIRST, synthetic)
     assert "starting from scratch" in out
     _assert_complete(folder, strategy, FIRST)
@@ -189,8 +203,7 @@ def test_train_resume_consolidate_export(strategy, synthetic, tmp_path):
         assert not [k for k in ckpt if k.startswith("optimizer")]
     weights = _model_weights(ckpt["state_dict"])
     # The same strategy without interruption: bit for bit.
-    (tmp_path / "uninterrupted").mkdir()
-    _train(tmp_path / "uninterrupted" / "runs", strategy, LAST, synthetic)
+    _finish(uninterrupted_job)
     uninterrupted = _final_weights(tmp_path / "uninterrupted" / "runs" / "run", tmp_path)
     assert weights.keys() == uninterrupted.keys()
     differ = [k for k in weights if not torch.equal(weights[k], uninterrupted[k])]
