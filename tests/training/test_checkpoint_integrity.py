@@ -26,7 +26,7 @@ from evfsam_lightning.training.callbacks import (
     staging_of,
     verify_checkpoint,
 )
-from evfsam_lightning.training.run import RunLock
+from evfsam_lightning.training.run_lock import RunLock
 from tests.training.conftest import (  # noqa: F401
     clean_env,
     finish_training,
@@ -131,7 +131,7 @@ def test_stale_staging_and_unmarked_checkpoints_are_removed(tmp_path):
 _HOLD = """
 import sys, time
 from pathlib import Path
-from evfsam_lightning.training.run import RunLock
+from evfsam_lightning.training.run_lock import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.acquire()
 print("held", flush=True)
