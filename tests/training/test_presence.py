@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from evfsam_lightning.data.batching import Vocabulary, add_negatives, pick_objects
+from evfsam_lightning.data.examples import Vocabulary, add_negatives, pick_objects
 from evfsam_lightning.data.mixing import sample_rng
 from evfsam_lightning.data.sources.synthetic import VOCABULARY, make_sample
 from evfsam_lightning.models import checkpoints as ck
@@ -162,7 +162,9 @@ def _val_split_with_negatives(folder, n: int = 32, seed: int = 0):
 def _evaluate(checkpoint, folder) -> dict:
     """gIoU / N-acc / T-acc (training.metrics.ReferringIoU) of every expression of the split, through
     `EvfSam.predict` (with a head: its threshold; without: "no target" = an empty mask)."""
-    from evfsam_lightning.data.stream import SkipLog, decode, iter_shard
+    from evfsam_lightning.data.examples import decode
+    from evfsam_lightning.data.skips import SkipLog
+    from evfsam_lightning.data.stream import iter_shard
     from evfsam_lightning.training.loading import load_for_inference
     from evfsam_lightning.training.metrics import ReferringIoU
 
