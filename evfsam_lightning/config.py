@@ -3,6 +3,9 @@
 Every field has a help text (shown by `evfsam-train --help-config`). Loading fails before any work
 when a key is unknown, a value has the wrong type, or a combination is impossible, with a message
 naming the key and what is allowed.
+
+Long on purpose (one concept): the whole run schema, one dataclass per section with every key's
+help, and its loading and validation; splitting it would scatter the keys a reader looks up together.
 """
 
 from __future__ import annotations
@@ -397,6 +400,11 @@ def load(recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, recipe)) from None
     return validate(cfg)
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """A RunConfig from a plain dict (a checkpoint's saved hparams), defaults filled, not validated."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), d))
 
 
 def _load_recipe(path: Path):

@@ -39,8 +39,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from evfsam_lightning.data import transforms
-from evfsam_lightning.data.batching import Preprocessing, collate, pick_expressions
+from evfsam_lightning.data.collate import collate
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
+from evfsam_lightning.data.examples import Preprocessing, pick_expressions
 from evfsam_lightning.data.mixing import sample_rng
 from evfsam_lightning.data.schema import Sample, SampleObject, encode_sample
 from evfsam_lightning.data.tokenizer import build_tokenizer

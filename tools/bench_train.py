@@ -7,7 +7,7 @@ minimal hand-written PyTorch loop on the same model and data.
         [--warmup 5] [--repeats 3] [--compare-plain] [--json OUT]
 
 Weights are random (nothing is downloaded). Batches are synthetic and in memory, in the batch-dict
-format of `data/batching.py` as the model receives it (SAM image already finished), with a fixed
+format of `data/collate.py` as the model receives it (SAM image already finished), with a fixed
 number of expressions per image; the same few batches cycle through a DataLoader.
 Modes: `frozen` = the reference trainable set (SAM image encoder frozen, run under no-grad),
 `full` = every weight trains (add `--activation-checkpointing` for BEiT-3 and SAM),
@@ -39,8 +39,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from evfsam_lightning.config import load
 from evfsam_lightning.models.builders import model_config
+from evfsam_lightning.models.from_config import build_configured_model
 from evfsam_lightning.training.losses import mask_loss
-from evfsam_lightning.training.module import EvfSamModule, build_configured_model
+from evfsam_lightning.training.module import EvfSamModule
 from evfsam_lightning.training.optim import build_optimizer, lr_lambda, parameter_groups
 from evfsam_lightning.training.trainable import apply_trainable, fully_frozen_modules
 
@@ -101,7 +102,7 @@ def make_batches(args, device: str, n: int = 4) -> list[dict]:
 
 
 def _config_object(cfg: dict):
-    from evfsam_lightning.training.module import config_from_dict
+    from evfsam_lightning.config import config_from_dict
 
     return config_from_dict(cfg)
 

@@ -40,8 +40,9 @@ def cache_shard(model, url: str, folder: Path, shard: int, *, family: str, size:
                 autocast: bool, batch_size: int, skips) -> int:
     """Encode every decodable sample of one shard, in order; returns the number cached."""
     from evfsam_lightning.data import embedding_cache as ec
+    from evfsam_lightning.data.examples import decode
     from evfsam_lightning.data.schema import SampleError
-    from evfsam_lightning.data.stream import decode, iter_shard
+    from evfsam_lightning.data.stream import iter_shard
 
     writer = ec.ShardWriter(folder, shard)
     pending: list[tuple[str, object]] = []
@@ -95,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device (use --device cpu or auto)")
 
-    from evfsam_lightning.data.stream import SkipLog, expand_urls
-    from evfsam_lightning.training.module import build_configured_model, model_size
+    from evfsam_lightning.data.skips import SkipLog
+    from evfsam_lightning.data.stream import expand_urls
+    from evfsam_lightning.models.from_config import build_configured_model, model_size
     from evfsam_lightning.training.run import data_config, resolve_pretrained
 
     cfg = resolve_pretrained(cfg)  # a missing file of model.pretrained, named; model.size=auto

@@ -148,7 +148,7 @@ def _data_config(path: str, overrides: Sequence[str]) -> DataConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
     cfg = load(path, overrides)  # errors before the heavy imports below
-    from evfsam_lightning.training.module import model_size
+    from evfsam_lightning.models.from_config import model_size
     from evfsam_lightning.training.run import data_config, resolve_pretrained
 
     cfg = resolve_pretrained(cfg)

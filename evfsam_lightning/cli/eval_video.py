@@ -1,21 +1,31 @@
 """evfsam-eval-video: region J, boundary F and J&F of an EVF-SAM2 checkpoint on referring video splits.
 
     evfsam-eval-video --checkpoint CHECKPOINT --data ref-davis17=data/ref-davis:valid \
-        ref-youtube-vos=data/ref-youtube-vos:train [--devices 2] [--max-expressions N] --out results.json
+        ref-youtube-vos=data/ref-youtube-vos:train mevis=data/mevis:valid_u [--devices 2] \
+        [--max-expressions N] --out results.json
 
-Each `--data` item is `[name=]ROOT[:SPLIT]` (split default `valid`) in the layout Ref-DAVIS17 (as converted
-by ReferFormer) and Ref-YouTube-VOS share:
+Each `--data` item is `[name=]ROOT[:SPLIT]` (split default `valid`) in one of two layouts, told apart by
+where the meta file is. Ref-DAVIS17 (as converted by ReferFormer) and Ref-YouTube-VOS:
 
     ROOT/SPLIT/JPEGImages/<video>/<frame>.jpg
     ROOT/SPLIT/Annotations/<video>/<frame>.png        (palette PNG, value = object id)
     ROOT/meta_expressions/SPLIT/meta_expressions.json  {"videos": {<video>: {"frames": [...],
                                                         "expressions": {<id>: {"exp": ..., "obj_id": ...}}}}}
 
+MeViS (an expression may refer to several objects: its target is the union of their masks):
+
+    ROOT/SPLIT/JPEGImages/<video>/<frame>.jpg
+    ROOT/SPLIT/meta_expressions.json   {"videos": {<video>: {"frames": [...], "expressions": {<id>:
+                                        {"exp": ..., "obj_id": [...], "anno_id": [...]}}}}}
+    ROOT/SPLIT/mask_dict.json          {<anno_id>: [COCO RLE or null, one per frame of sorted(frames)]}
+
 Every expression is one sequence: the text is read on the first frame, the object tracked forward (the
 reference's `inference_video.py`), J and F computed per frame against the object's mask (DAVIS
 definitions, training/video_metrics.py), J&F of the split = mean over its sequences of (mean J + mean F)/2.
-Frames without an annotation file are not scored. With --devices N, N CPU/GPU processes share the
-sequences (gloo/nccl) and rank 0 gathers them: the results do not depend on N.
+Ref-DAVIS17 / Ref-YouTube-VOS: frames without an annotation file are not scored. MeViS: every frame is
+scored, those where no referred object is present against an empty mask (as MeViS's own evaluation).
+With --devices N, N CPU/GPU processes share the sequences (gloo/nccl) and rank 0 gathers them: the
+results do not depend on N.
 """
 
 from __future__ import annotations
@@ -49,17 +59,32 @@ def parse_data(items: list[str]) -> list[tuple[str, Path, str]]:
     return out
 
 
-def load_sequences(name: str, root: Path, split: str, max_expressions: int | None = None) -> list[dict]:
-    """The (video, expression, object) sequences of one split, checked before any model work."""
+def _read_meta(meta_file: Path) -> dict:
     from evfsam_lightning.config import ConfigError
 
-    meta_file = root / "meta_expressions" / split / "meta_expressions.json"
-    if not meta_file.is_file():
-        raise ConfigError(f"{name}: {meta_file} not found (layout: ROOT/meta_expressions/SPLIT/meta_expressions.json)")
     try:
         videos = json.loads(meta_file.read_text())["videos"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"{meta_file}: not a meta_expressions file with a 'videos' object ({e})") from e
+    if not isinstance(videos, dict):
+        raise ConfigError(f"{meta_file}: 'videos' is not an object")
+    return videos
+
+
+def load_sequences(name: str, root: Path, split: str, max_expressions: int | None = None) -> list[dict]:
+    """The (video, expression, object) sequences of one split, checked before any model work. The layout
+    is MeViS when ROOT/SPLIT/meta_expressions.json exists, Ref-DAVIS17 / Ref-YouTube-VOS otherwise."""
+    from evfsam_lightning.config import ConfigError
+
+    mevis_meta = root / split / "meta_expressions.json"
+    if mevis_meta.is_file():
+        return _mevis_sequences(name, root, split, mevis_meta, max_expressions)
+    meta_file = root / "meta_expressions" / split / "meta_expressions.json"
+    if not meta_file.is_file():
+        raise ConfigError(f"{name}: {meta_file} not found, nor {mevis_meta} (layout: "
+                          "ROOT/meta_expressions/SPLIT/meta_expressions.json for Ref-DAVIS17 / Ref-YouTube-VOS, "
+                          "ROOT/SPLIT/meta_expressions.json for MeViS)")
+    videos = _read_meta(meta_file)
     sequences = []
     for video in sorted(videos):
         entry = videos[video]
@@ -80,13 +105,90 @@ def load_sequences(name: str, root: Path, split: str, max_expressions: int | Non
     return sequences
 
 
+def _mevis_sequences(name: str, root: Path, split: str, meta_file: Path, max_expressions: int | None) -> list[dict]:
+    from evfsam_lightning.config import ConfigError
+
+    mask_file = root / split / "mask_dict.json"
+    if not mask_file.is_file():
+        raise ConfigError(f"{name}: {mask_file} not found (MeViS ships masks for train and valid_u only; "
+                          "valid's are withheld for the evaluation server)")
+    videos = _read_meta(meta_file)
+    masks = _mask_dict(str(mask_file))
+    sequences = []
+    for video in sorted(videos):
+        entry = videos[video]
+        frames_dir = root / split / "JPEGImages" / video
+        if not frames_dir.is_dir():
+            raise ConfigError(f"{name}: video {video}: {frames_dir} not found")
+        frames = sorted(entry.get("frames", []))  # mask_dict lists are indexed by the sorted frame names
+        for exp_id in sorted(entry.get("expressions", {}), key=lambda k: (len(k), k)):
+            exp = entry["expressions"][exp_id]
+            if not {"exp", "obj_id", "anno_id"} <= set(exp):
+                raise ConfigError(f"{meta_file}: video {video} expression {exp_id} lacks 'exp', 'obj_id' or 'anno_id'")
+            anno_ids = [str(a) for a in exp["anno_id"]]
+            for a in anno_ids:
+                if a not in masks:
+                    raise ConfigError(f"{mask_file}: anno_id {a} (video {video} expression {exp_id}) not found")
+                if len(masks[a]) != len(frames):
+                    raise ConfigError(f"{mask_file}: anno_id {a} has {len(masks[a])} masks for the {len(frames)} "
+                                      f"frames of video {video}")
+            sequences.append({"split": name, "video": video, "expression_id": exp_id, "text": exp["exp"],
+                              "obj_id": [int(o) for o in exp["obj_id"]], "anno_id": anno_ids, "frames": frames,
+                              "frames_dir": str(frames_dir), "mask_dict": str(mask_file)})
+    if max_expressions:
+        sequences = sequences[:max_expressions]
+    if not sequences:
+        raise ConfigError(f"{name}: {meta_file} lists no expressions")
+    return sequences
+
+
+_MASK_DICTS: dict[str, dict] = {}
+
+
+def _mask_dict(path: str) -> dict:
+    """A MeViS mask_dict.json, read once per process."""
+    from evfsam_lightning.config import ConfigError
+
+    if path not in _MASK_DICTS:
+        try:
+            masks = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not JSON ({e})") from e
+        if not isinstance(masks, dict) or not all(isinstance(v, list) for v in masks.values()):
+            raise ConfigError(f"{path}: not a mask_dict (anno_id -> list of per-frame RLE or null)")
+        _MASK_DICTS[path] = masks
+    return _MASK_DICTS[path]
+
+
+def _ground_truth(seq: dict, index: int, name: str, hw: tuple[int, int]) -> np.ndarray | None:
+    """The target of frame `name` (position `index` in the sequence's frames), or None when unscored."""
+    if "mask_dict" in seq:  # MeViS: union of the referred objects; null = absent on that frame
+        from evfsam_lightning.data.sources.common import decode_coco_segmentation
+
+        masks = _mask_dict(seq["mask_dict"])
+        target = np.zeros(hw, dtype=bool)
+        for a in seq["anno_id"]:
+            rle = masks[a][index]
+            if rle is not None:
+                try:
+                    target |= decode_coco_segmentation(rle, *hw) > 0
+                except ValueError as e:
+                    raise ValueError(f"{seq['mask_dict']}: anno_id {a} frame {name}: {e}") from e
+        return target
+    ann = Path(seq["annotations"]) / f"{name}.png"
+    if not ann.is_file():
+        return None
+    return np.asarray(Image.open(ann)) == seq["obj_id"]
+
+
 def evaluate_sequence(video_model, seq: dict) -> dict:
     from evfsam_lightning.models.video_io import ArrayFrames, FolderFrames
     from evfsam_lightning.training.video_metrics import boundary_f, region_j
 
     folder = FolderFrames(seq["frames_dir"])
     by_stem = {p.stem: p for p in folder.files}
-    files = [by_stem[f] for f in seq["frames"] if f in by_stem]
+    listed = [(i, f) for i, f in enumerate(seq["frames"]) if f in by_stem]
+    files = [by_stem[f] for _, f in listed]
 
     class _Listed(ArrayFrames):  # the meta file's frames, in its order, read one at a time
         def __init__(self):
@@ -99,11 +201,10 @@ def evaluate_sequence(video_model, seq: dict) -> dict:
 
     js, fs = [], []
     for t, logits in video_model.track(_Listed(), [seq["text"]], 0, direction="forward"):
-        ann = Path(seq["annotations"]) / f"{files[t].stem}.png"
-        if not ann.is_file():
-            continue
-        gt = np.asarray(Image.open(ann)) == seq["obj_id"]
         pred = (logits[1] > 0).cpu().numpy()
+        gt = _ground_truth(seq, listed[t][0], listed[t][1], pred.shape)
+        if gt is None:
+            continue
         js.append(region_j(pred, gt))
         fs.append(boundary_f(pred, gt))
     j = float(np.mean(js)) if js else float("nan")

@@ -34,6 +34,7 @@ from PIL import Image
 SCHEMA_VERSION = 1
 TASK_KINDS = ("referring", "semantic", "instance", "part")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png")
+#: Mask value of pixels that count in neither the loss nor the metrics (the one definition).
 IGNORE_VALUE = 255
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
 

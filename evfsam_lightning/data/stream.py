@@ -1,4 +1,5 @@
-"""From shard URLs to decoded samples: expand URLs, read tars, shuffle bytes, decode, count faults.
+"""Stage 1 of the data path: from shard URLs to raw samples: expand URLs, read tars, shuffle bytes,
+count faults.
 
 The stages, in the order a sample passes them:
 
@@ -9,10 +10,11 @@ The stages, in the order a sample passes them:
    yields every sample before the break; the sample at the break is marked `__truncated__`.
 3. `SourceReader`: the endless, resumable raw-sample stream of one source for one reader, shuffled
    in a buffer of bytes (decoding happens after the shuffle, so the buffer stays small).
-4. `decode`: raw sample -> (`Sample`, RGB image), raising `SampleError` with a countable reason.
 
-`SkipLog` counts skipped samples per reason, logs them at a limited rate, and raises in strict
-mode; each batch carries its share of the counts (see `stats` in batching.py).
+Decoding is the next stage (`examples.decode`); `docs/data.md` maps the whole path.
+
+`skips.SkipLog` counts skipped samples per reason, logs them at a limited rate, and raises in strict
+mode; each batch carries its share of the counts (see `collate.stats`).
 """
 
 from __future__ import annotations
@@ -25,103 +27,23 @@ import os
 import random
 import re
 import tarfile
-import time
 import zlib
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-import numpy as np
 from braceexpand import braceexpand
+from torch.utils.data import get_worker_info
 from webdataset.gopen import gopen
 
 from .mixing import ShardOrder, buffer_seed
-from .schema import Sample, SampleError, decode_sample
+from .skips import DataError, SkipLog
 
 log = logging.getLogger(__name__)
 
-#: Reasons a sample is skipped: `schema.decode_sample`'s, plus `truncated_tar` (the sample at the
-#: point where a shard breaks off is incomplete) and `read_error` (a shard that cannot be opened or
-#: is not a tar at all; this one counts shards, not samples).
-SKIP_REASONS = ("bad_json", "bad_record", "missing_image", "missing_mask", "bad_mask", "mask_size", "no_expression",
-                "bad_image", "truncated_tar", "read_error")
 _REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _MEMBER = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
-
-
-class DataError(RuntimeError):
-    """A data problem the stream does not skip: any fault in strict mode, or a source without data."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-class SkipLog:
-    """Counts skipped samples per reason, logs them at a limited rate, raises in strict mode.
-
-    One per worker. The first `log_first` skips of each reason are logged one by one, later ones
-    as a summary at most every `log_interval_s` seconds. `take()` returns the counts since the
-    previous call, which is how each batch carries exactly the skips made while producing it."""
-
-    def __init__(self, strict: bool = False, *, log_first: int = 3, log_interval_s: float = 60.0):
-        self.strict = strict
-        self.log_first, self.log_interval_s = log_first, log_interval_s
-        self._muted = False
-        self._delta: Counter[str] = Counter()
-        self._seen: Counter[str] = Counter()
-        self._unreported: Counter[str] = Counter()
-        self._last_report = time.monotonic()
-
-    def skip(self, reason: str, message: str) -> None:
-        """Record one skipped sample (or unreadable shard), or raise `DataError` in strict mode."""
-        if self._muted:
-            return
-        if self.strict:
-            raise DataError(reason, f"strict data mode: {message}")
-        self._delta[reason] += 1
-        self._seen[reason] += 1
-        if self._seen[reason] <= self.log_first:
-            more = " (further skips of this kind are summarised)" if self._seen[reason] == self.log_first else ""
-            log.warning("skipped (%s): %s%s", reason, message, more)
-            return
-        self._unreported[reason] += 1
-        now = time.monotonic()
-        if now - self._last_report >= self.log_interval_s:
-            counts = ", ".join(f"{r} {n}" for r, n in sorted(self._unreported.items()))
-            log.warning("skipped %d more in %.0f s (%s); latest: %s", sum(self._unreported.values()),
-                        now - self._last_report, counts, message)
-            self._unreported.clear()
-            self._last_report = now
-
-    def add_reported(self, reason: str, n: int) -> None:
-        """Count `n` skips that were already reported (logged) elsewhere."""
-        self._delta[reason] += n
-        self._seen[reason] += n
-
-    def note(self, message: str) -> None:
-        """Log an event that loses no sample (e.g. a shard that breaks off after a complete sample)."""
-        if not self._muted:
-            log.warning("%s", message)
-
-    @contextmanager
-    def muted(self) -> Iterator[None]:
-        """Neither count nor log: used while replaying data that earlier batches already accounted for."""
-        self._muted = True
-        try:
-            yield
-        finally:
-            self._muted = False
-
-    def take(self) -> dict[str, int]:
-        """Skip counts per reason since the previous call (every reason present, zeros included)."""
-        out = {r: self._delta.get(r, 0) for r in SKIP_REASONS}
-        out.update({r: n for r, n in self._delta.items() if r not in out})
-        self._delta.clear()
-        return out
 
 
 def is_local(url: str) -> bool:
@@ -375,18 +297,7 @@ class SourceReader:
             self._items = self._block_items(self.block)
 
 
-def decode(raw: dict[str, Any]) -> tuple[Sample, np.ndarray]:
-    """A raw sample -> (`Sample`, its (H, W, 3) uint8 RGB image).
-
-    Raises `SampleError` whose message names the shard and the key; an incomplete sample at the
-    point where a shard breaks off gets the reason `truncated_tar`."""
-    where = f"shard {raw.get('__url__', '?')}, sample {raw.get('__key__', '?')}"
-    try:
-        sample = decode_sample(raw, where)
-        return sample, sample.decode_image()
-    except SampleError as e:
-        if raw.get("__truncated__"):
-            raise SampleError("truncated_tar", f"{where}: incomplete, the shard breaks off here ({e})") from e
-        if where not in str(e):
-            raise SampleError(e.reason, f"{where}: {e}") from e
-        raise
+def worker_slot() -> tuple[int, int]:
+    """(this DataLoader worker's id, number of workers); (0, 1) outside a worker."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)

@@ -4,6 +4,9 @@ layout, and export back to the official layout.
 Every load goes through `load_into`, which reports missing, unexpected and wrongly shaped keys and
 fails with a message naming them unless the caller allows a named subset. Files are read safely:
 safetensors, or `torch.load(weights_only=True)`.
+
+Long on purpose (one concept): every on-disk weight layout the model reads or writes, with the key
+maps between them, so that a layout's load and its export stand side by side.
 """
 
 from __future__ import annotations

@@ -135,6 +135,31 @@ def _hf_sam_config(cfg: Sam1Config):
     return config
 
 
+_TEMPLATE_FIELDS = {"{i}": r"(\d+)", "{attn}": r"(self_attn|cross_attn_image)", "{path}": r"(.+)"}
+
+
+def template_renames(table: str, to_reference: bool) -> list[tuple[str, str]]:
+    """`re.sub` (pattern, replacement) pairs, in order, from one table of key templates (a line
+    each: the official template, then ours, separated by spaces), for either direction. A template matches from the start of a key; `{i}` is an index,
+    `{attn}` an attention block, `{path}` any dotted path (the same fields, in the same order, on
+    both sides); a trailing `$` makes it match a whole key."""
+    out = []
+    for official, ours in (line.split() for line in table.strip().splitlines()):
+        src, dst = (ours, official) if to_reference else (official, ours)
+        end = "$" if src.endswith("$") else ""
+        pattern, replacement, n = "^", "", 0
+        for part in re.split(r"(\{\w+\})", src.removesuffix("$")):
+            pattern += _TEMPLATE_FIELDS[part] if part in _TEMPLATE_FIELDS else re.escape(part)
+        for part in re.split(r"(\{\w+\})", dst.removesuffix("$")):
+            if part in _TEMPLATE_FIELDS:
+                n += 1
+                replacement += rf"\g<{n}>"
+            else:
+                replacement += part
+        out.append((pattern + end, replacement))
+    return out
+
+
 def _mlp_rename(depth: int, to_reference: bool):
     """transformers' SamFeedForward names its layers proj_in / layers.0..d-3 / proj_out; the
     reference MLP names them layers.0..d-1."""

@@ -16,7 +16,7 @@ The reference checkpoints hold the whole SAM-2, including the video modules (mem
 memory encoder, object-pointer projection, ...) that the image path never runs. They live here as
 real modules under `video_memory` (transformers' SAM-2 video memory modules, see `VideoMemory`),
 loaded from and exported to the official names and shapes, always frozen (never trained), and run by
-the video tracker (`models/sam2_video.py`).
+the video tracker (`models/sam2_video.py`); those modules and their key maps are in `sam2_memory.py`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ import torch
 from torch import nn
 
 from evfsam_lightning.data import transforms
-from evfsam_lightning.models.sam import SamBackbone, _mlp_rename, grid_positional_encoding
+from evfsam_lightning.models.sam import SamBackbone, _mlp_rename, grid_positional_encoding, template_renames
+from evfsam_lightning.models.sam2_memory import (
+    VideoMemory,
+    video_key_from_reference,
+    video_key_to_reference,
+    video_memory_shapes,
+)
 
 #: Hiera's patch embedding (stride 4) and two query-pooling steps put the image embedding at stride 16.
 BACKBONE_STRIDE = 16
@@ -124,203 +130,6 @@ def _hf_sam2_configs(cfg: Sam2Config):
     return vision, prompt, decoder
 
 
-def video_memory_shapes(cfg: Sam2Config) -> dict[str, tuple[int, ...]]:
-    """Official names (under `visual_model.`) and shapes of the SAM-2 tensors that only video
-    tracking uses, in the reference's state-dict order."""
-    c, m = cfg.prompt_dim, cfg.mem_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "maskmem_tpos_enc": (cfg.num_maskmem, 1, 1, m), "no_mem_pos_enc": (1, 1, c), "no_obj_ptr": (1, c)}
-
-    def weight_bias(name: str, *weight: int) -> None:
-        shapes[f"{name}.weight"] = tuple(weight)
-        shapes[f"{name}.bias"] = (weight[0],)
-
-    weight_bias("mask_downsample", 1, 1, 4, 4)
-    for i in range(cfg.memory_attention_layers):
-        layer = f"memory_attention.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            weight_bias(f"{layer}.self_attn.{proj}", c, c)
-        for proj, in_dim in (("q_proj", c), ("k_proj", m), ("v_proj", m), ("out_proj", c)):
-            weight_bias(f"{layer}.cross_attn_image.{proj}", c, in_dim)
-        weight_bias(f"{layer}.linear1", cfg.memory_attention_ffn_dim, c)
-        weight_bias(f"{layer}.linear2", c, cfg.memory_attention_ffn_dim)
-        for n in (1, 2, 3):
-            weight_bias(f"{layer}.norm{n}", c)
-    weight_bias("memory_attention.norm", c)
-    # Mask downsampler: four (3x3 conv stride 2 with 4x the channels, LayerNorm2d, GELU), then a 1x1 conv.
-    channels = 1
-    for j in range(4):
-        weight_bias(f"memory_encoder.mask_downsampler.encoder.{3 * j}", channels * 4, channels, 3, 3)
-        weight_bias(f"memory_encoder.mask_downsampler.encoder.{3 * j + 1}", channels * 4)
-        channels *= 4
-    weight_bias("memory_encoder.mask_downsampler.encoder.12", c, channels, 1, 1)
-    weight_bias("memory_encoder.pix_feat_proj", c, c, 1, 1)
-    for i in range(cfg.memory_fuser_layers):
-        block = f"memory_encoder.fuser.layers.{i}"
-        shapes[f"{block}.weight"] = (c,)  # layer-scale gamma
-        weight_bias(f"{block}.dwconv", c, 1, 7, 7)
-        weight_bias(f"{block}.norm", c)
-        weight_bias(f"{block}.pwconv1", 4 * c, c)
-        weight_bias(f"{block}.pwconv2", c, 4 * c)
-    weight_bias("memory_encoder.out_proj", m, c, 1, 1)
-    for i in range(3):
-        weight_bias(f"obj_ptr_proj.layers.{i}", c, c)
-    return shapes
-
-
-# -- video memory (real modules) ----------------------------------------------------------------
-def _hf_video_config(cfg: Sam2Config):
-    from transformers import Sam2VideoConfig
-
-    c = cfg.prompt_dim
-    video = Sam2VideoConfig(
-        memory_attention_hidden_size=c, memory_attention_num_layers=cfg.memory_attention_layers,
-        memory_attention_num_attention_heads=1, memory_attention_downsample_rate=1,
-        memory_attention_feed_forward_hidden_size=cfg.memory_attention_ffn_dim,
-        memory_attention_feed_forward_hidden_act="relu", memory_encoder_hidden_size=c,
-        memory_encoder_output_channels=cfg.mem_dim, mask_downsampler_embed_dim=c, memory_fuser_embed_dim=c,
-        memory_fuser_intermediate_dim=4 * c, memory_fuser_num_layers=cfg.memory_fuser_layers,
-    )
-    video._attn_implementation = "sdpa"
-    return video
-
-
-class MemoryAttention(nn.Module):
-    """SAM-2 memory attention: layers of (RoPE self-attention, RoPE cross-attention to the memory, MLP),
-    pre-norm, then a final LayerNorm. The layers are transformers' `Sam2VideoMemoryAttentionLayer`;
-    their cross-attention is rebuilt for our memory width, because transformers hard-codes the
-    keys' input width to 64 (SAM-2's `mem_dim`), and the axial RoPE angles are computed here for
-    the actual feature grid (transformers precomputes them in non-persistent buffers for a fixed
-    grid, which a meta-device build followed by `to_empty` would leave uninitialised)."""
-
-    def __init__(self, cfg: Sam2Config):
-        super().__init__()
-        from transformers.models.sam2_video.modeling_sam2_video import (
-            Sam2VideoMemoryAttentionLayer,
-            Sam2VideoRoPEAttention,
-        )
-
-        video = _hf_video_config(cfg)
-        self.layers = nn.ModuleList()
-        for _ in range(cfg.memory_attention_layers):
-            layer = Sam2VideoMemoryAttentionLayer(video)
-            layer.cross_attn_image = Sam2VideoRoPEAttention(video, kv_in_dim=cfg.mem_dim, rope_k_repeat=True)
-            self.layers.append(layer)
-        self.layer_norm = nn.LayerNorm(cfg.prompt_dim)
-        self.rope_theta = 10000.0
-
-    def rope(self, height: int, width: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (1, h*w, head_dim) of the axial RoPE on a raster grid: the first half of the channel
-        pairs rotate with the column, the second half with the row."""
-        freqs = 1.0 / (self.rope_theta ** (torch.arange(0, head_dim, 4, device=device)[: head_dim // 4].float()
-                                           / head_dim))
-        idx = torch.arange(height * width, device=device, dtype=torch.float32)
-        t_x, t_y = idx % width, torch.div(idx, width, rounding_mode="floor")
-        angles = torch.cat([torch.outer(t_x, freqs), torch.outer(t_y, freqs)], dim=-1)
-        angles = angles.repeat_interleave(2, dim=-1)[None]
-        return angles.cos(), angles.sin()
-
-    def forward(self, curr: torch.Tensor, curr_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor,
-                num_obj_ptr_tokens: int, hw: tuple[int, int]) -> torch.Tensor:
-        """curr/curr_pos (B, HW, C), memory/memory_pos (B, M, mem_dim) -> (B, HW, C)."""
-        output = curr + 0.1 * curr_pos
-        head_dim = self.layers[0].self_attn.head_dim
-        cos_sin = self.rope(hw[0], hw[1], head_dim, curr.device)
-        output, memory, memory_pos = output[:, None], memory[:, None], memory_pos[:, None]
-        for layer in self.layers:
-            output = layer(queries=output, keys=memory, key_point_embedding=memory_pos,
-                           rope_position_embeddings=cos_sin, num_k_exclude_rope=num_obj_ptr_tokens)
-        return self.layer_norm(output[:, 0])
-
-
-class ObjectPointerProjection(nn.Module):
-    """MLP (ReLU between layers) from the selected mask token to the object pointer."""
-
-    def __init__(self, dim: int, depth: int = 3):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
-
-
-class VideoMemory(nn.Module):
-    """The SAM-2 modules only video tracking runs: memory attention, memory encoder (transformers'
-    `Sam2VideoMemoryEncoder`), object-pointer projection, temporal position encodings of the memory
-    frames, no-memory position and no-object pointer. Names map to the official ones in
-    `video_key_to_reference` / `video_key_from_reference`. Never trained (EVF-SAM2 keeps SAM-2 frozen)."""
-
-    def __init__(self, cfg: Sam2Config):
-        super().__init__()
-        from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoMemoryEncoder
-
-        c, m = cfg.prompt_dim, cfg.mem_dim
-        self.maskmem_tpos_enc = nn.Parameter(torch.zeros(cfg.num_maskmem, 1, 1, m))
-        self.no_mem_pos_enc = nn.Parameter(torch.zeros(1, 1, c))
-        self.no_obj_ptr = nn.Parameter(torch.zeros(1, c))
-        self.mask_downsample = nn.Conv2d(1, 1, kernel_size=4, stride=4)
-        self.memory_attention = MemoryAttention(cfg)
-        self.memory_encoder = Sam2VideoMemoryEncoder(_hf_video_config(cfg))
-        self.obj_ptr_proj = ObjectPointerProjection(c)
-
-
-# official (under `visual_model.`) <-> ours (under `video_memory.`), regexes on the whole key
-_VIDEO_RENAMES = [
-    (r"^(memory_attention\.layers\.\d+\.(?:self_attn|cross_attn_image))\.out_proj\.", r"\1.o_proj."),
-    (r"^(memory_attention\.layers\.\d+)\.norm(\d)\.", r"\1.layer_norm\2."),
-    (r"^memory_attention\.norm\.", r"memory_attention.layer_norm."),
-    (r"^memory_encoder\.pix_feat_proj\.", r"memory_encoder.feature_projection."),
-    (r"^memory_encoder\.out_proj\.", r"memory_encoder.projection."),
-    (r"^memory_encoder\.fuser\.layers\.(\d+)\.weight$", r"memory_encoder.memory_fuser.layers.\1.scale"),
-    (r"^memory_encoder\.fuser\.layers\.(\d+)\.dwconv\.", r"memory_encoder.memory_fuser.layers.\1.depthwise_conv."),
-    (r"^memory_encoder\.fuser\.layers\.(\d+)\.norm\.", r"memory_encoder.memory_fuser.layers.\1.layer_norm."),
-    (r"^memory_encoder\.fuser\.layers\.(\d+)\.pwconv(\d)\.", r"memory_encoder.memory_fuser.layers.\1.pointwise_conv\2."),
-]
-_VIDEO_RENAMES_BACK = [
-    (r"^(memory_attention\.layers\.\d+\.(?:self_attn|cross_attn_image))\.o_proj\.", r"\1.out_proj."),
-    (r"^(memory_attention\.layers\.\d+)\.layer_norm(\d)\.", r"\1.norm\2."),
-    (r"^memory_attention\.layer_norm\.", r"memory_attention.norm."),
-    (r"^memory_encoder\.feature_projection\.", r"memory_encoder.pix_feat_proj."),
-    (r"^memory_encoder\.projection\.", r"memory_encoder.out_proj."),
-    (r"^memory_encoder\.memory_fuser\.layers\.(\d+)\.scale$", r"memory_encoder.fuser.layers.\1.weight"),
-    (r"^memory_encoder\.memory_fuser\.layers\.(\d+)\.depthwise_conv\.", r"memory_encoder.fuser.layers.\1.dwconv."),
-    (r"^memory_encoder\.memory_fuser\.layers\.(\d+)\.layer_norm\.", r"memory_encoder.fuser.layers.\1.norm."),
-    (r"^memory_encoder\.memory_fuser\.layers\.(\d+)\.pointwise_conv(\d)\.",
-     r"memory_encoder.fuser.layers.\1.pwconv\2."),
-]
-# the mask downsampler: official `encoder.{3j}` conv, `encoder.{3j+1}` LayerNorm2d, last index the 1x1 conv
-_DOWNSAMPLER = re.compile(r"^memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(.+)$")
-_DOWNSAMPLER_OURS = re.compile(r"^memory_encoder\.mask_downsampler\.(?:layers\.(\d+)\.(conv|layer_norm)|final_conv)\.(.+)$")
-
-
-def video_key_from_reference(key: str, num_down: int = 4) -> str:
-    m = _DOWNSAMPLER.match(key)
-    if m:
-        i, rest = int(m.group(1)), m.group(2)
-        if i == 3 * num_down:
-            return f"memory_encoder.mask_downsampler.final_conv.{rest}"
-        return f"memory_encoder.mask_downsampler.layers.{i // 3}.{('conv', 'layer_norm')[i % 3]}.{rest}"
-    for pattern, repl in _VIDEO_RENAMES:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
-def video_key_to_reference(key: str, num_down: int = 4) -> str:
-    m = _DOWNSAMPLER_OURS.match(key)
-    if m:
-        if m.group(1) is None:
-            return f"memory_encoder.mask_downsampler.encoder.{3 * num_down}.{m.group(3)}"
-        index = 3 * int(m.group(1)) + (0 if m.group(2) == "conv" else 1)
-        return f"memory_encoder.mask_downsampler.encoder.{index}.{m.group(3)}"
-    for pattern, repl in _VIDEO_RENAMES_BACK:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
 # (reference prefix, our prefix); a prefix without a trailing dot is a whole key. Most specific first.
 _PREFIXES = [
     ("image_encoder.trunk.patch_embed.proj.", "vision_encoder.backbone.patch_embed.projection."),
@@ -341,19 +150,15 @@ _PREFIXES = [
     ("sam_mask_decoder.", "mask_decoder."),
     ("no_mem_embed", "no_memory_embedding"),
 ]
-# Renames inside a key after the prefix swap: (pattern on ours, replacement) in both directions.
-_INFIXES_FROM_REFERENCE = [
-    (r"^(vision_encoder\.backbone\.blocks\.\d+)\.norm(\d)\.", r"\1.layer_norm\2."),
-    (r"^(vision_encoder\.neck\.convs\.\d+)\.conv\.", r"\1."),
-    (r"^(mask_decoder\.transformer\.layers\.\d+)\.norm(\d)\.", r"\1.layer_norm\2."),
-    (r"^(mask_decoder\.transformer\..+)\.out_proj\.", r"\1.o_proj."),
-]
-_INFIXES_TO_REFERENCE = [
-    (r"^(vision_encoder\.backbone\.blocks\.\d+)\.layer_norm(\d)\.", r"\1.norm\2."),
-    (r"^(vision_encoder\.neck\.convs\.\d+)\.", r"\1.conv."),
-    (r"^(mask_decoder\.transformer\.layers\.\d+)\.layer_norm(\d)\.", r"\1.norm\2."),
-    (r"^(mask_decoder\.transformer\..+)\.o_proj\.", r"\1.out_proj."),
-]
+# Renames inside a key after the prefix swap (both sides in our prefixes): official, then ours.
+_INFIXES = """
+vision_encoder.backbone.blocks.{i}.norm{i}.     vision_encoder.backbone.blocks.{i}.layer_norm{i}.
+vision_encoder.neck.convs.{i}.conv.             vision_encoder.neck.convs.{i}.
+mask_decoder.transformer.layers.{i}.norm{i}.    mask_decoder.transformer.layers.{i}.layer_norm{i}.
+mask_decoder.transformer.{path}.out_proj.       mask_decoder.transformer.{path}.o_proj.
+"""
+_INFIXES_FROM_REFERENCE = template_renames(_INFIXES, to_reference=False)
+_INFIXES_TO_REFERENCE = template_renames(_INFIXES, to_reference=True)
 _POINT_EMBEDDING = re.compile(r"^sam_prompt_encoder\.point_embeddings\.(\d+)\.weight$")
 _POINT_EMBED = "prompt_encoder.point_embed.weight"
 _VIDEO = "video_memory."

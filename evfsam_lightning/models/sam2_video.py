@@ -18,6 +18,9 @@ re-expressed frame by frame so that frames can be read, encoded and released as 
 
 Several objects are tracked side by side (one state each), sharing every frame's image features.
 Only the entries the bank can still reach are kept: memory stays bounded by the window, not the clip.
+
+Over 350 lines on purpose: one algorithm (the reference's video inference) whose tracker and
+text-prompted driver share the same per-object state; the SAM-2 memory modules are in sam2_memory.py.
 """
 
 from __future__ import annotations

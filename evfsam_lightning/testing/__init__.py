@@ -1,5 +1,2 @@
-"""Test helpers that need real infrastructure (a local SLURM cluster)."""
-
-from evfsam_lightning.testing.slurm_cluster import LocalSlurmCluster, SlurmClusterError
-
-__all__ = ["LocalSlurmCluster", "SlurmClusterError"]
+"""Seeded random full-size weights in the released file formats (`python -m evfsam_lightning.testing.fullsize`),
+for smoke tests and benchmarks without downloads. The local SLURM test cluster lives in tests/slurm/cluster.py."""

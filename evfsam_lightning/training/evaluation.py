@@ -1,6 +1,6 @@
 """Evaluation of any checkpoint on shard splits: gIoU and cIoU per split (plus N-acc and T-acc
 where a split holds no-target expressions), on one or more ranks. Every expression of every object
-is scored (the reference's protocol, see `batching.EvalStream`); an image is encoded once for all
+is scored (the reference's protocol, see `eval_stream.EvalStream`); an image is encoded once for all
 of its expressions.
 
 Each image is processed on its own with its expressions' padding trimmed, so the numbers do not

@@ -94,14 +94,10 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def load_training_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model, tokenizer, run config) from an `evfsam-train` checkpoint file."""
+    from evfsam_lightning.config import config_from_dict
     from evfsam_lightning.data.tokenizer import load_tokenizer
     from evfsam_lightning.models.builders import build_model
-    from evfsam_lightning.training.module import (
-        add_configured_lora,
-        build_configured_model,
-        config_from_dict,
-        model_size,
-    )
+    from evfsam_lightning.models.from_config import add_configured_lora, build_configured_model, model_size
 
     path = Path(path)
     try:

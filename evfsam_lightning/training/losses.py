@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_VALUE = 255
+from evfsam_lightning.data.schema import IGNORE_VALUE
+
 _DICE_SCALE = 1000.0
 _EPS = 1e-6
 

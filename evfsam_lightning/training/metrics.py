@@ -32,7 +32,8 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
-IGNORE_VALUE = 255
+from evfsam_lightning.data.schema import IGNORE_VALUE
+
 _STATES = ("intersection", "union", "iou_sum", "count", "no_target", "no_target_empty", "target_found")
 #: one expression's I/U in the int64 `iou_sum` state: 2**-32 resolution, room for 2**31 expressions
 IOU_SCALE = 2 ** 32

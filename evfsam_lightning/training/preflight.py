@@ -133,8 +133,8 @@ def _check_semantic_token(cfg: RunConfig) -> None:
     sources = [s for s in (*cfg.data.train, *cfg.data.val) if _source_tasks(s.urls) & set(SEMANTIC_TASKS)]
     if tokenizer is None or not sources:
         return
-    from evfsam_lightning.data.batching import cached_tokenizer
-    from evfsam_lightning.training.module import model_size
+    from evfsam_lightning.data.collate import cached_tokenizer
+    from evfsam_lightning.models.from_config import model_size
 
     key, folder = tokenizer
     ids = cached_tokenizer(str(folder))(SEMANTIC_TOKEN, add_special_tokens=False)["input_ids"]

@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
 import logging
 import math
 import os
-import socket
-import tarfile
-import time
-import uuid
 import warnings
-from contextlib import contextmanager
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
@@ -23,95 +15,30 @@ from evfsam_lightning.config import ConfigError, RunConfig, to_yaml
 from evfsam_lightning.training.callbacks import (
     CompleteCheckpoint,
     DamagedCheckpoint,
-    DataPositionReset,
     FinalCheckpoint,
     PeriodicCheckpoint,
-    ProcessLayout,
     StagedCheckpointIO,
-    Throughput,
     atomic_write_text,
     find_resume_checkpoint,
     is_complete,
     remove_stale_staging,
     verify_checkpoint,
 )
+from evfsam_lightning.training.loggers import (
+    active_loggers,
+    build_loggers,
+    mlflow_tracking_uri,
+    save_logger_ids,
+)
 from evfsam_lightning.training.peers import PeerTable
 from evfsam_lightning.training.preemption import PreemptionCheckpoint, preemption_exit_code, slurm_plugins
 from evfsam_lightning.training.preflight import preflight, tokenizer_setting
+from evfsam_lightning.training.run_callbacks import DataPositionReset, ProcessLayout, Throughput
+from evfsam_lightning.training.run_lock import RunLock
 from evfsam_lightning.training.signals import EXIT_REQUEUED
+from evfsam_lightning.training.synthetic import ensure_synthetic
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _expressions_in_shards(folder: Path) -> list[str]:
-    """Every expression of the JSON records of a shard folder (members are read, not decoded)."""
-    out = []
-    for tar in sorted(folder.glob("*.tar")):
-        with tarfile.open(tar) as t:
-            for member in t:
-                if member.name.endswith(".json"):
-                    record = json.loads(t.extractfile(member).read())
-                    out.extend(e for o in record["objects"] for e in o["expressions"])
-    return out
-
-
-_SYNTHETIC_ENTRIES = {"train", "val", "tokenizer", "report.json", "READY.json"}
-
-
-def ensure_synthetic(cfg: RunConfig) -> tuple[Path, Path]:
-    """Generate the synthetic dataset and its tokenizer once (any rank may get here first; a file
-    lock makes the others wait). Generation is atomic: it fills a temporary folder beside the
-    destination and renames it into place, so a failed or killed generation leaves no partial
-    dataset; a partial one from before (no READY.json) is replaced. Returns (shard root, tokenizer)."""
-    import shutil
-
-    from evfsam_lightning.data.sources.synthetic import generate_synthetic
-    from evfsam_lightning.data.tokenizer import build_tokenizer
-
-    syn = cfg.data.synthetic
-    root = Path(syn.dir)
-    done = root / "READY.json"
-    with _file_lock(root.parent / f".{root.name}.lock"):
-        wanted = {"train": syn.train, "val": syn.val, "seed": syn.seed, "grammar": syn.grammar,
-                  "image_size": syn.image_size}
-        if done.is_file() and json.loads(done.read_text()) == wanted:
-            return root, root / "tokenizer"
-        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # of a killed generation (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        if root.exists() and (not root.is_dir() or not {p.name for p in root.iterdir()} <= _SYNTHETIC_ENTRIES):
-            raise ConfigError(f"data.synthetic.dir={syn.dir!r} exists and is not a synthetic dataset (it holds other "
-                              "files): choose another folder")
-        if root.exists():
-            state = "an older" if done.is_file() else "a partial (interrupted)"
-            print(f"replacing {state} synthetic dataset in {root}")
-        print(f"generating the synthetic dataset in {root} ({syn.train} train / {syn.val} val images) ...")
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        try:
-            generate_synthetic(tmp, n_train=syn.train, n_val=syn.val, image_size=syn.image_size, seed=syn.seed,
-                               grammar=syn.grammar, workers=min(2, os.cpu_count() or 1), overwrite=True)
-            build_tokenizer(_expressions_in_shards(tmp / "train"), tmp / "tokenizer", vocab_size=128)
-            atomic_write_text(tmp / "READY.json", json.dumps(wanted))
-            if root.exists():  # the old dataset goes aside first: a rename cannot replace a folder
-                old = root.parent / f".{root.name}.tmp-{os.getpid()}-old"
-                os.replace(root, old)
-                os.replace(tmp, root)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root, root / "tokenizer"
 
 
 def data_config(cfg: RunConfig, model_cfg):
@@ -245,100 +172,14 @@ def resume_path(cfg: RunConfig) -> str | None:
     return r
 
 
-LOGGER_IDS = "loggers.json"
-
-
-def active_loggers(cfg: RunConfig) -> list[str]:
-    return [n for n in cfg.logging.loggers if n != "tensorboard" or cfg.logging.tensorboard]
-
-
-def _logger_ids(cfg: RunConfig) -> dict:
-    """The MLflow run and W&B run ids of the run's previous start (`<run dir>/loggers.json`), for a
-    run that resumes from a checkpoint; a run that starts over gets new ones."""
-    path = cfg.run_dir / LOGGER_IDS
-    if resume_path(cfg) is None or not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        log.warning("%s is not valid JSON: the loggers start new runs", path)
-        return {}
-
-
-def mlflow_tracking_uri(cfg: RunConfig) -> str:
-    """MLFLOW_TRACKING_URI when set, else the file store `<run dir>/mlruns`."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or (cfg.run_dir.resolve() / "mlruns").as_uri()
-
-
-def _continuing_mlflow_logger(**kwargs):
-    """Lightning's MLFlowLogger for a run that may continue an MLflow run: MLflow refuses to change a
-    logged param, and a resumed run may change some (trainer.max_steps raised to train on), so only
-    params the run has not logged yet are logged; changed ones are named in a warning (the run
-    directory's config.yaml has their new values)."""
-    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
-    from lightning.pytorch.loggers import MLFlowLogger
-    from lightning.pytorch.utilities import rank_zero_only
-
-    class ContinuingMLFlowLogger(MLFlowLogger):
-        @rank_zero_only
-        def log_hyperparams(self, params) -> None:
-            logged = self.experiment.get_run(self.run_id).data.params
-            flat = _flatten_dict(_convert_params(params))
-            changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != str(v)[:250])
-            if changed:
-                log.warning("MLflow run %s keeps the first values of %s (MLflow params cannot change)",
-                            self.run_id, ", ".join(changed))
-            super().log_hyperparams({k: v for k, v in flat.items() if k not in logged})
-
-    return ContinuingMLFlowLogger(**kwargs)
-
-
-def build_loggers(cfg: RunConfig) -> list:
-    """Lightning's own loggers for `logging.loggers`, each writing in the run directory (see the
-    config help); a resumed run continues the MLflow run and W&B run id of its previous start."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-
-    ids = _logger_ids(cfg)
-    loggers = []
-    for name in active_loggers(cfg):
-        if name == "tensorboard":
-            loggers.append(TensorBoardLogger(save_dir=str(cfg.run_dir), name="tensorboard", version=""))
-        elif name == "csv":
-            # One version_<n>/metrics.csv per start: Lightning's writer empties an existing file.
-            loggers.append(CSVLogger(save_dir=str(cfg.run_dir), name="csv"))
-        elif name == "mlflow":
-            uri = mlflow_tracking_uri(cfg)
-            if uri.startswith("file:"):  # MLflow 3 wants an opt-in to its (maintained, not deprecated) file store
-                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            previous = ids.get("mlflow") or {}
-            loggers.append(_continuing_mlflow_logger(experiment_name=cfg.logging.project, run_name=cfg.name, tracking_uri=uri,
-                                        run_id=previous.get("run_id") if previous.get("tracking_uri") == uri else None))
-        elif name == "wandb":
-            loggers.append(WandbLogger(project=cfg.logging.project, name=cfg.name, save_dir=str(cfg.run_dir.resolve()),
-                                       id=ids.get("wandb") or uuid.uuid4().hex[:12], resume="allow"))
-    return loggers
-
-
-def save_logger_ids(cfg: RunConfig, trainer: L.Trainer) -> None:
-    """Record the MLflow run and W&B run ids (rank 0, before fit) for the next start of the run."""
-    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
-
-    ids = {}
-    for logger in trainer.loggers:
-        if isinstance(logger, MLFlowLogger):
-            ids["mlflow"] = {"run_id": logger.run_id, "tracking_uri": mlflow_tracking_uri(cfg)}
-        elif isinstance(logger, WandbLogger):
-            ids["wandb"] = logger.experiment.id
-    if ids:
-        atomic_write_text(cfg.run_dir / LOGGER_IDS, json.dumps(ids, indent=1))
-
-
 def _resume_chosen_by_rank_zero(trainer: L.Trainer, cfg: RunConfig) -> None:
     """Make the trainer load the checkpoint rank 0 chooses: Lightning asks for it (`resume_start`)
     once the ranks are connected; rank 0 looks at the file system, every rank takes its answer (a
     broadcast), so ranks that see the run directory differently (a checkpoint appearing, a network
     file system's cache) still resume from the same checkpoint. An error is raised on every rank."""
+    # Private on purpose: Lightning 2.6.6 has no public hook that picks the checkpoint after the ranks
+    # are connected (`fit(ckpt_path=...)` is fixed before the process group exists); this wraps the
+    # connector's own `resume_start`, which `fit` calls at that moment.
     connector = trainer._checkpoint_connector
     original = connector.resume_start
 
@@ -377,67 +218,6 @@ def launch_rank(devices: int = 1) -> int:
     return node * devices + local
 
 
-class RunLock:
-    """One training process per run directory: rank 0 holds `<run_dir>/.lock` (an flock, which
-    the kernel drops when its holder dies, even by SIGKILL) and writes its host and PID into it.
-
-    A second run refuses at once naming the holder. A lock left by a dead holder is free and is
-    taken over with a message naming that holder. A requeued SLURM job whose previous incarnation
-    still appears to hold the lock (a network file system that has not yet noticed its death)
-    takes it over when the recorded SLURM job id is its own."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / ".lock"
-        self._fd: int | None = None
-
-    def _holder(self) -> dict:
-        try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, json.JSONDecodeError):
-            return {}
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        holder = self._holder()
-        job = os.environ.get("SLURM_JOB_ID")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not (job and holder.get("slurm_job_id") == job):
-                os.close(fd)
-                who = f"host {holder.get('host', '?')}, PID {holder.get('pid', '?')}"
-                raise ConfigError(f"run directory {self.path.parent} is in use by another evfsam-train ({who}, "
-                                  f"lock {self.path}); wait for it to end, or use another name=") from None
-            print(f"run lock {self.path}: held by an earlier start of this SLURM job {job} "
-                  f"(host {holder.get('host')}, PID {holder.get('pid')}); taking it over", flush=True)
-        else:
-            if holder.get("pid"):
-                print(f"run lock {self.path}: taking over the stale lock of host {holder.get('host')}, "
-                      f"PID {holder.get('pid')} (that process is gone)", flush=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job, "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.ftruncate(self._fd, 0)  # a clean end leaves no holder to report as stale
-        finally:
-            os.close(self._fd)  # drops the flock
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
 def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     from evfsam_lightning.training.strategies import build_strategy
 
@@ -465,7 +245,7 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
     if cfg.checkpoint.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val/ciou", mode="max", patience=cfg.checkpoint.early_stopping_patience,
                                        check_on_train_epoch_end=False))
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, resuming=resume_path(cfg) is not None)
     val_every = t.val_every_n_steps * accumulate if t.val_every_n_steps else None
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
@@ -507,7 +287,8 @@ def train(cfg: RunConfig) -> L.Trainer:
 def _train(cfg: RunConfig, holds_lock: bool) -> L.Trainer:
     from evfsam_lightning.data.datamodule import EvfDataModule
     from evfsam_lightning.data.embedding_cache import EmbeddingCacheError
-    from evfsam_lightning.training.module import EvfSamModule, model_size
+    from evfsam_lightning.models.from_config import model_size
+    from evfsam_lightning.training.module import EvfSamModule
 
     if holds_lock:  # what a killed save left behind; no save of this run can be under way now
         for path in remove_stale_staging(cfg.run_dir / "checkpoints"):

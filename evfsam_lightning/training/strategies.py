@@ -46,7 +46,10 @@ def deepspeed_module_keys(checkpoint_dir: str | Path) -> set[str]:
 
 
 class DeepSpeedAnyDevice(DeepSpeedStrategy):
-    """Lightning's DeepSpeedStrategy, usable on CPU (gloo) as well as CUDA."""
+    """Lightning's DeepSpeedStrategy, usable on CPU (gloo) as well as CUDA.
+
+    Overrides private methods (`_setup_model_and_optimizer`, `_init_deepspeed_distributed`) on purpose:
+    Lightning 2.6.6 refuses CPU inside them and offers no public switch (checked against 2.6.6)."""
 
     def _on_cpu(self) -> bool:
         return self.root_device.type == "cpu"

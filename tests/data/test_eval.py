@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from evfsam_lightning.data.batching import eval_batch_ranges
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
+from evfsam_lightning.data.eval_stream import eval_batch_ranges
 from tests.data.conftest import write_source
 
 

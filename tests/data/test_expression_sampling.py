@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from evfsam_lightning.config import ConfigError, load
-from evfsam_lightning.data.batching import pick_expressions, pick_sentences
+from evfsam_lightning.data.examples import pick_expressions, pick_sentences
 from evfsam_lightning.data.mixing import sample_rng
 from evfsam_lightning.data.schema import Sample, SampleObject
 from tests.conftest import REPO

@@ -13,7 +13,8 @@ import pytest
 
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
 from evfsam_lightning.data.schema import encode_sample
-from evfsam_lightning.data.stream import DataError, SkipLog, SourceReader, iter_shard
+from evfsam_lightning.data.skips import DataError, SkipLog
+from evfsam_lightning.data.stream import SourceReader, iter_shard
 from tests.data.conftest import consume, make_sample, write_shard
 
 

@@ -92,7 +92,7 @@ def test_unknown_resize_place_is_named(tokenizer_dir, three_sources):
 
 
 def test_a_batch_without_images_is_finished_too():
-    from evfsam_lightning.data.batching import finish_batch
+    from evfsam_lightning.data.collate import finish_batch
 
     batch = finish_batch({"sam_images_uint8": [], "sam_resize_sizes": [], "sam_image_size": 64,
                           "resize_hw": torch.zeros(0, 2, dtype=torch.long)})

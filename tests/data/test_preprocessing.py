@@ -56,7 +56,7 @@ def test_tokenizer_folder_without_model_is_named(tmp_path):
 def test_uint8_worker_output_finished_on_the_device_is_bit_identical(variant):
     """The workers' uint8 canvases, normalised in one batch after transfer, equal the reference
     per-image preprocessing bit for bit (padding included), for images of mixed sizes."""
-    from evfsam_lightning.data.batching import finish_batch
+    from evfsam_lightning.data.collate import finish_batch
 
     rng = np.random.default_rng(0)
     shapes = [(480, 640), (640, 480), (37, 200), (1024, 1024), (333, 333), (1, 700)]

@@ -12,7 +12,7 @@ import pytest
 
 from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
 from evfsam_lightning.data.schema import SampleError, decode_sample, encode_sample
-from evfsam_lightning.data.stream import DataError
+from evfsam_lightning.data.skips import DataError
 from tests.data.conftest import consume, make_sample, write_shard
 
 

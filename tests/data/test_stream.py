@@ -10,7 +10,8 @@ import torch
 
 from evfsam_lightning.data.datamodule import EvfDataModule, data_config_from_dict, load_data_config
 from evfsam_lightning.data.schema import encode_sample
-from evfsam_lightning.data.stream import SkipLog, expand_urls, iter_shard, shard_sizes
+from evfsam_lightning.data.skips import SkipLog
+from evfsam_lightning.data.stream import expand_urls, iter_shard, shard_sizes
 from evfsam_lightning.data.transforms import beit3_preprocess, sam2_preprocess, sam_preprocess
 from tests.data.conftest import config, consume, make_sample, write_shard
 

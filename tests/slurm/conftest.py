@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from evfsam_lightning.testing import LocalSlurmCluster
+from tests.slurm.cluster import LocalSlurmCluster
 
 
 def _why_no_slurm() -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from evfsam_lightning.testing import LocalSlurmCluster
+from tests.slurm.cluster import LocalSlurmCluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.distributed]
 

@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from evfsam_lightning.cli.slurm import Job, LaunchError, render_batch_script, slurm_time_seconds
-from evfsam_lightning.testing import LocalSlurmCluster
-from evfsam_lightning.testing.slurm_cluster import TERMINAL_STATES
 from evfsam_lightning.training.signals import EXIT_PREEMPTED
+from tests.slurm.cluster import TERMINAL_STATES, LocalSlurmCluster
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -45,7 +44,7 @@ def _free_port() -> int:
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart's synthetic dataset, small (64 train / 16 val images), generated once."""
     from evfsam_lightning.config import load
-    from evfsam_lightning.training.run import ensure_synthetic
+    from evfsam_lightning.training.synthetic import ensure_synthetic
 
     folder = tmp_path_factory.mktemp("synthetic") / "data"
     ensure_synthetic(load(QUICKSTART, [f"data.synthetic.dir={folder}", "data.synthetic.train=64",

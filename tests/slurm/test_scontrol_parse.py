@@ -1,6 +1,6 @@
 """Parsing `scontrol show job -o` output; needs no cluster."""
 
-from evfsam_lightning.testing.slurm_cluster import parse_scontrol_record
+from tests.slurm.cluster import parse_scontrol_record
 
 
 def test_values_with_spaces_and_equals_signs() -> None:

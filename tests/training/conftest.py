@@ -69,7 +69,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset (and tokenizer) generated once for all training tests."""
     root = tmp_path_factory.mktemp("synthetic")
     from evfsam_lightning.config import load
-    from evfsam_lightning.training.run import ensure_synthetic
+    from evfsam_lightning.training.synthetic import ensure_synthetic
 
     cfg = load(QUICKSTART, [f"data.synthetic.dir={root / 'data'}", "data.synthetic.train=96",
                             "data.synthetic.val=16"])

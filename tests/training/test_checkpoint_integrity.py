@@ -26,7 +26,7 @@ from evfsam_lightning.training.callbacks import (
     staging_of,
     verify_checkpoint,
 )
-from evfsam_lightning.training.run import RunLock
+from evfsam_lightning.training.run_lock import RunLock
 from tests.training.conftest import (  # noqa: F401
     clean_env,
     finish_training,
@@ -131,7 +131,7 @@ def test_stale_staging_and_unmarked_checkpoints_are_removed(tmp_path):
 _HOLD = """
 import sys, time
 from pathlib import Path
-from evfsam_lightning.training.run import RunLock
+from evfsam_lightning.training.run_lock import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.acquire()
 print("held", flush=True)
@@ -295,8 +295,10 @@ def test_disk_full_during_a_save_stops_with_one_line_and_rerun_resumes_exactly(t
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sharded_fsdp_checkpoint_damaged_on_one_rank_falls_back_and_ends_like_an_uninterrupted_run(
-        tmp_path, synthetic_dir):  # noqa: F811
+        tmp_path, synthetic_dir, monkeypatch):  # noqa: F811
     from evfsam_lightning.training.loading import consolidate
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two 2-rank runs side by side on 2 cores: one thread each
 
     overrides = small_run(synthetic_dir, "trainer.max_steps=6", "checkpoint.every_n_steps=2",
                           "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.devices=2",

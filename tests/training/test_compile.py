@@ -11,7 +11,8 @@ from tests.training.test_resume import _final_weights
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager_and_keeps_checkpoint_keys(tmp_path, synthetic_dir):
+def test_compiled_training_matches_eager_and_keeps_checkpoint_keys(tmp_path, synthetic_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two runs side by side on 2 cores: one thread each
     weights, jobs = {}, {}
     for name in ("eager", "compiled"):  # side by side, each in its own folder
         (tmp_path / name).mkdir()

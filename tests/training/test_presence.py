@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from evfsam_lightning.data.batching import Vocabulary, add_negatives, pick_objects
+from evfsam_lightning.data.examples import Vocabulary, add_negatives, pick_objects
 from evfsam_lightning.data.mixing import sample_rng
 from evfsam_lightning.data.sources.synthetic import VOCABULARY, make_sample
 from evfsam_lightning.models import checkpoints as ck

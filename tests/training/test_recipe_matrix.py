@@ -126,7 +126,7 @@ def _final_weights(run_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
 
 def _frozen_weights(cfg) -> dict[str, torch.Tensor]:
     """The frozen weights of the recipe's model as its fp32 pretrained files hold them."""
-    from evfsam_lightning.training.module import build_configured_model
+    from evfsam_lightning.models.from_config import build_configured_model
     from evfsam_lightning.training.trainable import apply_trainable
 
     model = build_configured_model(cfg)

@@ -75,7 +75,11 @@ def _kill_after_first_checkpoint(cwd: Path, overrides: tuple[str, ...], delay: f
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks,workers", [(1, 0), (2, 2)], ids=["single", "ddp2x2workers"])
-def test_sigkill_then_same_command_ends_with_identical_weights(tmp_path, synthetic_dir, ranks, workers):  # noqa: F811
+def test_sigkill_then_same_command_ends_with_identical_weights(tmp_path, synthetic_dir, ranks, workers,  # noqa: F811
+                                                              monkeypatch):
+    # One thread per process: the reference run goes beside the killed one, and two OpenMP pools
+    # on 2 cores spin against each other (every run of the comparison uses the same setting).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     overrides = small_run(synthetic_dir, "trainer.max_steps=16", "checkpoint.every_n_steps=4",
                           f"trainer.devices={ranks}", f"data.num_workers={workers}",
                           "trainer.global_batch_size=4", f"trainer.micro_batch_size={4 // ranks}")

@@ -99,7 +99,7 @@ def _model_weights(state_dict: dict) -> dict[str, torch.Tensor]:
 def synthetic(tmp_path_factory) -> Path:
     """The synthetic dataset and tokenizer, generated once for every run of this file."""
     from evfsam_lightning.config import load
-    from evfsam_lightning.training.run import ensure_synthetic
+    from evfsam_lightning.training.synthetic import ensure_synthetic
 
     folder = tmp_path_factory.mktemp("synthetic") / "data"
     ensure_synthetic(load(RECIPE, [*COMMON, f"data.synthetic.dir={folder}"]))

@@ -13,7 +13,7 @@ import pytest
 
 from evfsam_lightning.config import ConfigError, load
 from evfsam_lightning.data.stream import expand_urls
-from evfsam_lightning.training.run import ensure_synthetic
+from evfsam_lightning.training.synthetic import ensure_synthetic
 from tests.training.conftest import QUICKSTART, clean_env
 
 SMALL = ["data.synthetic.train=12", "data.synthetic.val=4"]
@@ -45,7 +45,7 @@ def test_a_folder_with_other_files_is_not_deleted(tmp_path):
 @pytest.mark.slow
 def test_a_killed_generation_leaves_nothing_and_the_next_run_generates(tmp_path):
     root = tmp_path / "synthetic"
-    code = ("import sys; from evfsam_lightning.config import load; from evfsam_lightning.training.run import "
+    code = ("import sys; from evfsam_lightning.config import load; from evfsam_lightning.training.synthetic import "
             f"ensure_synthetic; ensure_synthetic(load({str(QUICKSTART)!r}, [{f'data.synthetic.dir={root}'!r}, "
             "'data.synthetic.train=3000', 'data.synthetic.val=4']))")
     job = subprocess.Popen([sys.executable, "-c", code], env=clean_env(), start_new_session=True,

@@ -291,7 +291,7 @@ class LocalSlurmCluster:
             for name, port in zip(self.node_names, node_ports, strict=True)
         )
         self.conf_path.write_text(
-            f"""# Written by evfsam_lightning.testing.LocalSlurmCluster
+            f"""# Written by tests/slurm/cluster.py (LocalSlurmCluster)
 ClusterName=evfsamtest
 SlurmctldHost={self.host}(127.0.0.1)
 SlurmctldPort={ctld_port}
