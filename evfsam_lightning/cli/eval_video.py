@@ -84,8 +84,19 @@ def load_sequences(name: str, root: Path, split: str, max_expressions: int | Non
         raise ConfigError(f"{name}: {meta_file} not found, nor {mevis_meta} (layout: "
                           "ROOT/meta_expressions/SPLIT/meta_expressions.json for Ref-DAVIS17 / Ref-YouTube-VOS, "
                           "ROOT/SPLIT/meta_expressions.json for MeViS)")
-    videos = _read_meta(meta_file)
-    sequences = []
+    sequences = [{"split": name, "video": video, "expression_id": exp_id, "text": exp["exp"],
+                  "obj_id": int(exp["obj_id"]), "frames": list(entry["frames"]), "frames_dir": str(frames_dir),
+                  "annotations": str(root / split / "Annotations" / video)}
+                 for video, entry, frames_dir, exp_id, exp in _expressions(name, root, split, meta_file, _read_meta(meta_file),
+                                                                           ("exp", "obj_id"), "'exp' or 'obj_id'")]
+    return _limited(sequences, name, meta_file, max_expressions)
+
+
+def _expressions(name: str, root: Path, split: str, meta_file: Path, videos: dict, keys: tuple[str, ...], named: str):
+    """(video, its meta entry, its frame folder, expression id, expression) of every expression of a
+    meta_expressions.json, videos sorted by name and expressions by id, each holding `keys`."""
+    from evfsam_lightning.config import ConfigError
+
     for video in sorted(videos):
         entry = videos[video]
         frames_dir = root / split / "JPEGImages" / video
@@ -93,11 +104,14 @@ def load_sequences(name: str, root: Path, split: str, max_expressions: int | Non
             raise ConfigError(f"{name}: video {video}: {frames_dir} not found")
         for exp_id in sorted(entry.get("expressions", {}), key=lambda k: (len(k), k)):
             exp = entry["expressions"][exp_id]
-            if "exp" not in exp or "obj_id" not in exp:
-                raise ConfigError(f"{meta_file}: video {video} expression {exp_id} lacks 'exp' or 'obj_id'")
-            sequences.append({"split": name, "video": video, "expression_id": exp_id, "text": exp["exp"],
-                              "obj_id": int(exp["obj_id"]), "frames": list(entry["frames"]),
-                              "frames_dir": str(frames_dir), "annotations": str(root / split / "Annotations" / video)})
+            if not set(keys) <= set(exp):
+                raise ConfigError(f"{meta_file}: video {video} expression {exp_id} lacks {named}")
+            yield video, entry, frames_dir, exp_id, exp
+
+
+def _limited(sequences: list[dict], name: str, meta_file: Path, max_expressions: int | None) -> list[dict]:
+    from evfsam_lightning.config import ConfigError
+
     if max_expressions:
         sequences = sequences[:max_expressions]
     if not sequences:
@@ -115,31 +129,20 @@ def _mevis_sequences(name: str, root: Path, split: str, meta_file: Path, max_exp
     videos = _read_meta(meta_file)
     masks = _mask_dict(str(mask_file))
     sequences = []
-    for video in sorted(videos):
-        entry = videos[video]
-        frames_dir = root / split / "JPEGImages" / video
-        if not frames_dir.is_dir():
-            raise ConfigError(f"{name}: video {video}: {frames_dir} not found")
+    for video, entry, frames_dir, exp_id, exp in _expressions(name, root, split, meta_file, videos,
+                                                              ("exp", "obj_id", "anno_id"), "'exp', 'obj_id' or 'anno_id'"):
         frames = sorted(entry.get("frames", []))  # mask_dict lists are indexed by the sorted frame names
-        for exp_id in sorted(entry.get("expressions", {}), key=lambda k: (len(k), k)):
-            exp = entry["expressions"][exp_id]
-            if not {"exp", "obj_id", "anno_id"} <= set(exp):
-                raise ConfigError(f"{meta_file}: video {video} expression {exp_id} lacks 'exp', 'obj_id' or 'anno_id'")
-            anno_ids = [str(a) for a in exp["anno_id"]]
-            for a in anno_ids:
-                if a not in masks:
-                    raise ConfigError(f"{mask_file}: anno_id {a} (video {video} expression {exp_id}) not found")
-                if len(masks[a]) != len(frames):
-                    raise ConfigError(f"{mask_file}: anno_id {a} has {len(masks[a])} masks for the {len(frames)} "
-                                      f"frames of video {video}")
-            sequences.append({"split": name, "video": video, "expression_id": exp_id, "text": exp["exp"],
-                              "obj_id": [int(o) for o in exp["obj_id"]], "anno_id": anno_ids, "frames": frames,
-                              "frames_dir": str(frames_dir), "mask_dict": str(mask_file)})
-    if max_expressions:
-        sequences = sequences[:max_expressions]
-    if not sequences:
-        raise ConfigError(f"{name}: {meta_file} lists no expressions")
-    return sequences
+        anno_ids = [str(a) for a in exp["anno_id"]]
+        for a in anno_ids:
+            if a not in masks:
+                raise ConfigError(f"{mask_file}: anno_id {a} (video {video} expression {exp_id}) not found")
+            if len(masks[a]) != len(frames):
+                raise ConfigError(f"{mask_file}: anno_id {a} has {len(masks[a])} masks for the {len(frames)} "
+                                  f"frames of video {video}")
+        sequences.append({"split": name, "video": video, "expression_id": exp_id, "text": exp["exp"],
+                          "obj_id": [int(o) for o in exp["obj_id"]], "anno_id": anno_ids, "frames": frames,
+                          "frames_dir": str(frames_dir), "mask_dict": str(mask_file)})
+    return _limited(sequences, name, meta_file, max_expressions)
 
 
 _MASK_DICTS: dict[str, dict] = {}
