@@ -43,21 +43,30 @@ def train_command(*overrides: str, recipe: Path = QUICKSTART) -> list[str]:
             *overrides]
 
 
-def start_training(cwd: Path, *overrides: str, recipe: Path = QUICKSTART) -> subprocess.Popen:
-    """A training run in the background (its own port): a reference run beside the run under test;
-    `finish_training` collects it."""
-    return subprocess.Popen(train_command(*overrides, recipe=recipe), cwd=cwd, env=clean_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def start_process(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A child process in the background (e.g. a reference run beside the run under test);
+    `finish_process` collects it."""
+    return subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def finish_training(job: subprocess.Popen, timeout: int = 400) -> subprocess.CompletedProcess:
+def finish_process(job: subprocess.Popen, timeout: int = 400, ok=(0,)) -> subprocess.CompletedProcess:
+    """Wait for `job` (killed at the timeout) and assert its exit code is in `ok`, showing its output."""
     try:
         stdout, stderr = job.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         job.kill()
         raise
-    assert job.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    shown = " ".join(str(a) for a in job.args[2:])
+    assert job.returncode in ok, f"{shown} -> {job.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
     return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+
+
+def start_training(cwd: Path, *overrides: str, recipe: Path = QUICKSTART) -> subprocess.Popen:
+    """A training run in the background (its own port); `finish_training` collects it."""
+    return start_process(train_command(*overrides, recipe=recipe), cwd, clean_env())
+
+
+finish_training = finish_process
 
 
 def run_training(cwd: Path, *overrides: str, timeout: int = 400, recipe: Path = QUICKSTART) -> subprocess.CompletedProcess:

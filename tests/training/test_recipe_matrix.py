@@ -25,7 +25,7 @@ import torch
 from evfsam_lightning.config import load
 from evfsam_lightning.training.signals import EXIT_PREEMPTED
 from tests.conftest import REPO
-from tests.training.conftest import clean_env, synthetic_dir  # noqa: F401
+from tests.training.conftest import clean_env, finish_process, start_process, synthetic_dir  # noqa: F401
 from tests.training.test_strategies import _assert_complete, strategy_key
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -94,23 +94,11 @@ def _overrides(cfg, synthetic: Path) -> list[str]:
 
 
 def _start(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**clean_env(), "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def _finish(job: subprocess.Popen, ok=(0,), timeout: int = 600) -> subprocess.CompletedProcess:
-    try:
-        stdout, stderr = job.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        job.kill()
-        raise
-    done = subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
-    assert job.returncode in ok, f"{' '.join(job.args[2:])} -> {job.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
-    return done
+    return start_process([sys.executable, "-m", *args], cwd, {**clean_env(), "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def _run(args: list[str], cwd: Path, env: dict | None = None, ok=(0,), timeout: int = 600):
-    return _finish(_start(args, cwd, env), ok, timeout)
+    return finish_process(_start(args, cwd, env), timeout, ok)
 
 
 def _final_weights(run_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -179,7 +167,7 @@ def test_recipe_trains_preempts_resumes_and_serves(recipe, synthetic_dir, tmp_pa
                      env={"EVFSAM_TEST_PREEMPT_AT": str(at)}, ok=(EXIT_PREEMPTED,))
         assert "preempted: saved" in first.stdout, first.stdout[-2000:]
         second = _run(["tests.training.preempt_job", *base, "root_dir=runs"], world)
-        _finish(reference_job)
+        finish_process(reference_job, timeout=600)
     finally:
         if reference_job.poll() is None:  # a failed assertion above
             reference_job.kill()

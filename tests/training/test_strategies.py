@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.training.conftest import free_port
+from tests.training.conftest import finish_process, free_port, start_process
 
 RECIPE = REPO / "recipes" / "quickstart.yaml"
 COMMON = [
@@ -61,19 +61,13 @@ def _env() -> dict[str, str]:
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_process([sys.executable, "-m", *args], cwd, _env())
 
 
 def _finish(job: subprocess.Popen, timeout: int = 300) -> str:
     t0 = time.perf_counter()
-    try:
-        stdout, stderr = job.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        job.kill()
-        raise
+    stdout = finish_process(job, timeout).stdout
     args = job.args[2:]
-    assert job.returncode == 0, f"{' '.join(args)}\n{stdout[-3000:]}\n{stderr[-6000:]}"
     print(f"{time.perf_counter() - t0:5.1f} s  {' '.join(args[:2])} {' '.join(a for a in args if 'strategy' in a)}")
     return stdout
 
