@@ -146,16 +146,16 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: st
                          if k in own and tuple(own[k].shape) != tuple(v.shape)]
     if report.missing or report.unexpected or report.mismatched:
         raise CheckpointError(f"{source} does not fit the model: {report.summary()}")
-    if assign:
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=False,
-                              assign=True)
-        report.loaded = sum(k in own for k in state)
-        return report
+    # A tensor still on the meta device (a part built without memory, see build_model's meta_parts)
+    # has nothing to copy into: it takes the file's tensor, as every tensor does with `assign`.
+    taken = {k: v.to(own[k].dtype).contiguous() for k, v in state.items() if k in own and (assign or own[k].is_meta)}
+    if taken:
+        model.load_state_dict(taken, strict=False, assign=True)
     with torch.no_grad():
         for k, v in state.items():
-            if k in own:
+            if k in own and k not in taken:
                 own[k].copy_(v.to(own[k].dtype))
-                report.loaded += 1
+    report.loaded = sum(k in own for k in state)
     return report
 
 

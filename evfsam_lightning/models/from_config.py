@@ -45,8 +45,11 @@ def build_configured_model(cfg: RunConfig, device: str | torch.device | None = N
     """The model of a run config with its pretrained weights loaded (pretrained folder, then SAM and
     BEiT-3 checkpoints, each reporting its keys), and its LoRA layers if any."""
     m = cfg.model
+    # Parts a checkpoint below fills completely are built without memory and take its tensors.
+    meta = ("beit3", "sam") if m.pretrained else tuple(
+        part for part, path in (("beit3", m.beit3_checkpoint), ("sam", m.sam_checkpoint)) if path)
     model = build_model(model_size(m), device=device, gradient_checkpointing=m.activation_checkpointing,
-                        presence_head=m.presence_head)
+                        presence_head=m.presence_head, meta_parts=meta)
     if m.presence_head:
         model.presence_head.threshold.fill_(m.presence_threshold)
     if m.pretrained:
@@ -61,6 +64,13 @@ def build_configured_model(cfg: RunConfig, device: str | torch.device | None = N
         (ck.load_hf_sam_checkpoint if path.is_dir() else ck.load_sam_checkpoint)(model, path)
     if m.beit3_checkpoint:
         ck.load_beit3_checkpoint(model, m.beit3_checkpoint)
+    on_meta = device is not None and torch.device(device).type == "meta"
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left and not on_meta:  # a checkpoint that lacked part of what it was to fill (load_into names missing keys first)
+        raise ck.CheckpointError(f"model.pretrained / sam_checkpoint / beit3_checkpoint leave {len(left)} tensors "
+                                 f"unset: {', '.join(left[:10])}")
+    if device is not None and not on_meta:
+        model.to(device)  # the checkpoints' tensors were taken as they were read, on the CPU
     if m.activation_checkpointing and m.mode == "full" and hasattr(model.visual_model.vision_encoder,
                                                                     "gradient_checkpointing_enable"):
         model.visual_model.vision_encoder.gradient_checkpointing_enable({"use_reentrant": False})

@@ -193,3 +193,38 @@ def test_folder_loaded_on_meta_takes_the_files_values_cast_to_fp32(tmp_path, tin
     for name, tensor in loaded.state_dict().items():
         assert not tensor.is_meta and tensor.dtype == model.state_dict()[name].dtype, name
         torch.testing.assert_close(tensor, model.state_dict()[name].to(torch.bfloat16).to(tensor.dtype))
+
+
+@pytest.mark.parametrize("size", ["tiny", "tiny-sam2"])
+def test_parts_filled_by_checkpoints_are_built_without_memory_and_take_the_files_values(tmp_path, size):
+    """build_configured_model leaves the parts `sam_checkpoint` / `beit3_checkpoint` fill on the meta
+    device and gives them the files' tensors: the same model as initialising them and copying over,
+    trainable as before, nothing left on meta; the projector comes from the seeded random stream."""
+    from evfsam_lightning.config import load
+    from evfsam_lightning.models.from_config import build_configured_model
+
+    source = _randomise(build_model(size))
+    reference = _reference_state(source)
+    sam = {k[len("visual_model."):]: v for k, v in reference.items() if k.startswith("visual_model.")}
+    torch.save({"model": sam} if size == "tiny-sam2" else sam, tmp_path / "sam.pth")
+    beit3 = {k[len("mm_extractor."):]: v for k, v in source.state_dict().items() if k.startswith("mm_extractor.")}
+    torch.save({"model": beit3}, tmp_path / "beit3.pth")
+    cfg = load(None, ["data.synthetic.dir=unused", f"model.size={size}", f"model.sam_checkpoint={tmp_path / 'sam.pth'}",
+                      f"model.beit3_checkpoint={tmp_path / 'beit3.pth'}"])
+    torch.manual_seed(0)
+    model = build_configured_model(cfg)
+    torch.manual_seed(0)
+    again = build_configured_model(cfg)
+    copied = build_model(size)  # the old way: initialise everything, then copy the files in
+    ck.load_sam_checkpoint(copied, tmp_path / "sam.pth")
+    ck.load_beit3_checkpoint(copied, tmp_path / "beit3.pth")
+    state, expected = model.state_dict(), copied.state_dict()
+    assert not [k for k, v in state.items() if v.is_meta]
+    for k, v in state.items():
+        if k.startswith("text_hidden_fcs."):
+            assert torch.equal(v, again.state_dict()[k]) and torch.isfinite(v).all(), k
+        else:
+            assert torch.equal(v, expected[k]) and v.dtype == expected[k].dtype, k
+    grads = {n: p.requires_grad for n, p in copied.named_parameters()}
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert all(p.is_contiguous() for p in model.parameters())
