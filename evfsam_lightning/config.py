@@ -64,9 +64,12 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    name: str = doc(MISSING, "source name (appears in logs and per-source metrics)")
-    urls: list[str] = doc(help="shard files: paths, globs, brace patterns, dirs with sizes.json, or pipe:", factory=list)
-    weight: float = doc(1.0, "sampling weight of this source in the training mixture")
+    name: str = doc(MISSING, "source name (appears in batches, logs, per-source metrics and seeds)")
+    urls: list[str] = doc(help="shard files: paths, globs, brace patterns (data/train-{000000..000009}.tar), dirs "
+                               "with sizes.json, remote URLs, or pipe: commands", factory=list)
+    weight: float = doc(1.0, "sampling weight of this source in the training mixture (ignored for val sources)")
+    sizes: str | None = doc(None, "a sizes.json ({shard file name: samples}) for shards without one next to "
+                                  "them, e.g. pipe: commands")
 
 
 @dataclass
@@ -81,10 +84,14 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    """The data pipeline's options: the one place a data option is declared (the data module reads
+    this; what it takes from the model, trainer and run is `data.settings.PipelineSettings`)."""
+
     train: list[SourceConfig] = doc(help="training sources with weights", factory=list)
     val: list[SourceConfig] = doc(help="validation sources (finite, each sample once)", factory=list)
     synthetic: SyntheticConfig | None = doc(None, "generate the synthetic referring dataset if absent")
-    num_workers: int = doc(2, "data loader workers per rank")
+    num_workers: int = doc(2, "data loader workers per rank; the training stream depends on it (an exact resume "
+                              "needs the same number)")
     max_expressions_per_image: int = doc(3, "(expression, mask) pairs drawn per training image")
     expression_sampling: str = doc("sentences", "how a referring training image's expressions are drawn: "
                                                 "sentences (EVF-SAM's way: distinct sentences from all sentences "
@@ -97,10 +104,12 @@ class DataConfig:
     samples_per_epoch: int = doc(0, "training images per epoch over all ranks (0: one pass of the mixture)")
     strict: bool = doc(False, "raise on a bad sample instead of skipping and counting it")
     val_batch_size: int = doc(4, "images per validation batch per rank")
-    shuffle_buffer: int = doc(256, "raw samples held per source and worker for shuffling")
-    shuffle_shards: int = doc(1, "consecutive shards shuffled together")
+    shuffle_buffer: int = doc(256, "raw samples (bytes) held per source and worker for shuffling")
+    shuffle_shards: int = doc(1, "consecutive shards shuffled together; resuming re-reads up to this many per "
+                                 "source and worker")
     embedding_cache: str | None = doc(None, "folder of precomputed SAM image features (evfsam-cache-embeddings): "
-                                            "training skips the image encoder; needs model.mode=frozen_image_encoder")
+                                            "training skips the image encoder (validation keeps the images); needs "
+                                            "model.mode=frozen_image_encoder")
     sam_resize: str = doc("auto", "where SAM-1's Pillow resize runs: worker, device (after the transfer, same "
                                   "pixels; frees the workers on a GPU), or auto (device when training on a GPU)")
 
@@ -208,17 +217,19 @@ class RunConfig:
 
 _CHOICES = {
     "model.mode": ("frozen_image_encoder", "full"),
-    "data.mixing": ("sample", "batch"),
-    "data.expression_sampling": ("sentences", "objects"),
-    "data.sam_resize": ("auto", "worker", "device"),
     "optim.schedule": ("linear", "cosine", "constant"),
     "strategy.name": ("auto", "ddp", "deepspeed", "fsdp"),
     "trainer.precision": ("32", "bf16-mixed", "16-mixed", "auto"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
 }
+_DATA_CHOICES = {  # key under `data.`: allowed values
+    "mixing": ("sample", "batch"),
+    "expression_sampling": ("sentences", "objects"),
+    "sam_resize": ("auto", "worker", "device"),
+}
 
 
-def _get(cfg: RunConfig, dotted: str):
+def _get(cfg: Any, dotted: str):
     obj = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)
@@ -227,13 +238,15 @@ def _get(cfg: RunConfig, dotted: str):
 
 # -- value ranges of every numeric key (checked before any work) --------------------------------
 _AT_LEAST = {  # key: smallest allowed value
-    "seed": 0, "data.num_workers": 0, "data.max_expressions_per_image": 1, "data.max_text_length": 2,
-    "data.samples_per_epoch": 0, "data.val_batch_size": 1, "data.shuffle_buffer": 1, "data.shuffle_shards": 1,
-    "data.synthetic.train": 1, "data.synthetic.val": 1, "data.synthetic.seed": 0, "data.synthetic.image_size": 32,
-    "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.grad_clip": 0, "optim.bce_weight": 0,
+    "seed": 0, "optim.weight_decay": 0, "optim.warmup_steps": 0, "optim.grad_clip": 0, "optim.bce_weight": 0,
     "optim.dice_weight": 0, "optim.max_nonfinite_steps": 1, "trainer.val_every_n_steps": 0,
     "trainer.log_every_n_steps": 1, "trainer.limit_val_batches": 0, "checkpoint.every_n_steps": 0,
-    "checkpoint.keep_top_k": 0, "logging.val_images": 0, "data.negatives_per_image": 0, "optim.presence_weight": 0,
+    "checkpoint.keep_top_k": 0, "logging.val_images": 0, "optim.presence_weight": 0,
+}
+_DATA_AT_LEAST = {  # key under `data.`: smallest allowed value
+    "num_workers": 0, "max_expressions_per_image": 1, "max_text_length": 2, "samples_per_epoch": 0,
+    "val_batch_size": 1, "shuffle_buffer": 1, "shuffle_shards": 1, "negatives_per_image": 0,
+    "synthetic.train": 1, "synthetic.val": 1, "synthetic.seed": 0, "synthetic.image_size": 32,
 }
 _POSITIVE = ("optim.lr", "optim.eps", "model.lora.alpha")
 _FRACTION = ("optim.min_lr_ratio", "model.presence_threshold")  # in [0, 1]
@@ -241,8 +254,6 @@ _FRACTION = ("optim.min_lr_ratio", "model.presence_threshold")  # in [0, 1]
 
 def _check_ranges(cfg: RunConfig) -> None:
     for key, low in _AT_LEAST.items():
-        if key.startswith("data.synthetic.") and cfg.data.synthetic is None:
-            continue
         value = _get(cfg, key)
         if not value >= low:  # also refuses NaN
             raise ConfigError(f"{key}={value} must be at least {low}")
@@ -255,6 +266,33 @@ def _check_ranges(cfg: RunConfig) -> None:
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise ConfigError(f"optim.betas={list(betas)} must be two numbers in [0, 1)")
+
+
+def validate_data(data: DataConfig) -> None:
+    """The data section's own checks (ranges, allowed values, sources), with messages naming the
+    `data.` key. `validate` runs them for a recipe; the data module runs them for a DataConfig
+    built in code (evaluation, tests, benchmarks)."""
+    for key, low in _DATA_AT_LEAST.items():
+        if key.startswith("synthetic.") and data.synthetic is None:
+            continue
+        value = _get(data, key)
+        if not value >= low:  # also refuses NaN
+            raise ConfigError(f"data.{key}={value} must be at least {low}")
+    for key, allowed in _DATA_CHOICES.items():
+        if _get(data, key) not in allowed:
+            raise ConfigError(f"data.{key}={_get(data, key)!r} is not allowed (allowed: {', '.join(allowed)})")
+    for src in data.train:
+        if not src.weight > 0:
+            raise ConfigError(f"data.train source {src.name!r}: weight={src.weight} must be positive")
+    for key in ("train", "val"):
+        check_unique_names(getattr(data, key), f"data.{key}")
+
+
+def check_unique_names(sources: list[SourceConfig], key: str) -> None:
+    """Sources are told apart by name (batches, metrics, seeds, the data position): no name twice."""
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}: source names must differ, got {names}")
 
 
 def _check_run_paths(cfg: RunConfig) -> None:
@@ -302,6 +340,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if str(cfg.checkpoint.resume).lower() == "false":  # OmegaConf turns `resume=false` into the bool False
         cfg.checkpoint.resume = "false"
     _check_ranges(cfg)
+    validate_data(cfg.data)
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not allowed (allowed: {', '.join(allowed)})")
@@ -335,9 +374,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError("checkpoint.early_stopping_patience needs validation data (data.val)")
     if not cfg.data.train and cfg.data.synthetic is None:
         raise ConfigError("data.train is empty and data.synthetic is not set: nothing to train on")
-    for src in cfg.data.train:
-        if src.weight <= 0:
-            raise ConfigError(f"data.train source {src.name!r}: weight={src.weight} must be positive")
     if not cfg.checkpoint.save_frozen and cfg.model.mode == "full" and not cfg.model.freeze:
         raise ConfigError("checkpoint.save_frozen=false with model.mode=full: there are no frozen weights to "
                           "leave out")

@@ -58,6 +58,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     f["yaml_code"].write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
     f["urls_string"] = d / "urls.yaml"
     f["urls_string"].write_text("data:\n  train:\n    - {name: mine, urls: shards/mine.tar}\n")
+    f["data_dialect"] = d / "data_section.yaml"  # the data module's former dialect, once read by evfsam-data
+    f["data_dialect"].write_text("data:\n  tokenizer: tok/\n  sources:\n    - {name: mine, urls: shards/mine.tar}\n")
     f["official"] = d / "official"  # looks like an EVF-SAM folder (config.json): gets past the path check
     f["official"].mkdir()
     (f["official"] / "config.json").write_text("{}")
@@ -155,6 +157,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("evfsam-data", ["inspect", str(f["dir"])], "is a directory"),
         ("evfsam-data", ["inspect", str(f["malformed"])], "malformed YAML"),
         ("evfsam-data", ["inspect", str(f["yaml_code"])], "python/object"),
+        ("evfsam-data", ["inspect", str(f["data_dialect"])], "no longer read; pass a training recipe"),
         ("evfsam-data", ["inspect", q, "data.num_workers=-1"], "data.num_workers=-1"),
         ("evfsam-data", ["inspect", q, "--samples", "0"], "--samples"),
         # shard conversion
@@ -195,7 +198,7 @@ def _cases(f: dict[str, Path]) -> list[tuple[str, list[str], str]]:
 
 
 CASES = _cases({k: Path(f"<{k}>") for k in ("dir", "text", "garbage", "missing", "truncated", "pickle",
-                                             "malformed", "list", "yaml_code", "urls_string",
+                                             "malformed", "list", "yaml_code", "urls_string", "data_dialect",
                                              "official", "image", "shards", "refer", "unreadable", "frames")})
 
 

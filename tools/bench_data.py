@@ -38,12 +38,14 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from evfsam_lightning.config import DataConfig, SourceConfig
 from evfsam_lightning.data import transforms
 from evfsam_lightning.data.collate import collate
-from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
+from evfsam_lightning.data.datamodule import EvfDataModule
 from evfsam_lightning.data.examples import Preprocessing, pick_expressions
 from evfsam_lightning.data.mixing import sample_rng
 from evfsam_lightning.data.schema import Sample, SampleObject, encode_sample
+from evfsam_lightning.data.settings import PipelineSettings
 from evfsam_lightning.data.tokenizer import build_tokenizer
 
 
@@ -153,15 +155,15 @@ def main() -> None:
         write_data(root, args.images)
     tokenizer = str(build_tokenizer([f"the object number {j} of image {i}" for i in range(50) for j in range(4)],
                                     root / "tokenizer"))
-    cfg = DataConfig(sources=[SourceConfig("synthetic", str(root / "shards"))], tokenizer=tokenizer,
-                     batch_size=args.batch_size, num_workers=args.workers, sam_image_size=args.image_size,
-                     samples_per_epoch=10 ** 6, shuffle_buffer=64, sam_resize=args.sam_resize)
+    data = DataConfig(train=[SourceConfig("synthetic", [str(root / "shards")])], num_workers=args.workers,
+                      samples_per_epoch=10 ** 6, shuffle_buffer=64, sam_resize=args.sam_resize)
+    settings = PipelineSettings(tokenizer=tokenizer, batch_size=args.batch_size, sam_image_size=args.image_size)
     workers = max(1, args.workers)
     print(f"machine: {os.cpu_count()} CPUs; {args.workers} workers; batch {args.batch_size}; "
           f"SAM {args.image_size} px; 640x480 JPEG sources; stream resize: {args.sam_resize}, finish: {args.finish}")
     rates: dict[str, list[float]] = {"stream": [], "files": []}
     for r in range(args.repeats):
-        dm = EvfDataModule(cfg)
+        dm = EvfDataModule(data, settings)
 
         def finish(batch, dm=dm):
             batch = dm.on_before_batch_transfer(batch, 0)

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from evfsam_lightning.data.skips import SkipLog
     from evfsam_lightning.data.stream import expand_urls
     from evfsam_lightning.models.from_config import build_configured_model, model_size
-    from evfsam_lightning.training.run import data_config, resolve_pretrained
+    from evfsam_lightning.training.data_setup import data_for_run
+    from evfsam_lightning.training.run import resolve_pretrained
 
     cfg = resolve_pretrained(cfg)  # a missing file of model.pretrained, named; model.size=auto
 
@@ -112,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / ec.MANIFEST).unlink(missing_ok=True)
     if world > 1:
         torch.distributed.init_process_group("gloo")  # only barriers: shards are split, not tensors
-    data = data_config(cfg, model_size(cfg.model))
+    data, _ = data_for_run(cfg, model_size(cfg.model))
     torch.manual_seed(cfg.seed)  # the initialisation a training run of this recipe starts from
     model = build_configured_model(cfg).to(device).eval()
     family, s = model.config.family, model.visual_model.image_size
-    sources = {src.name: expand_urls(src.urls) for src in data.sources}
+    sources = {src.name: expand_urls(src.urls) for src in data.train}
     jobs = [(name, i, url) for name, urls in sources.items() for i, url in enumerate(urls)]
     skips = SkipLog(strict=data.strict)
     start = time.time()

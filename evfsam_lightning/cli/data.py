@@ -1,28 +1,16 @@
 """`evfsam-data`: look at what the data pipeline feeds the model.
 
-    evfsam-data inspect CONFIG.yaml --samples 500 [--grid grid.png] [--rank 0 --world-size 1]
-    evfsam-data inspect recipes/finetune_custom.yaml [key=value ...] --grid grid.png
+    evfsam-data inspect RECIPE.yaml [key=value ...] --samples 500 [--grid grid.png] [--rank 0 --world-size 1]
 
 prints the realized share of every source and task kind over the first N training images of one
 rank (next to each source's target share) and the skip counts, and can render a grid of samples
 with their masks overlaid and their expressions listed in the mask colours.
 
-CONFIG is a training recipe (with `key=value` overrides, as for evfsam-train: the data the run
-would see), or a YAML file with a `data:` section whose keys are the fields of
-`evfsam_lightning.data.datamodule.DataConfig` (unknown keys are errors), for example:
+RECIPE is a training recipe, with `key=value` overrides as for evfsam-train: the data the run would
+see (its `data:` section, the tokenizer of `model.tokenizer` / `model.pretrained`, the micro-batch
+of `trainer.micro_batch_size`, the model's image sizes), for example:
 
-    data:
-      tokenizer: checkpoints/evf-sam/           # holds sentencepiece.bpe.model
-      batch_size: 2                             # images per micro-batch and rank
-      num_workers: 4
-      seed: 0
-      mixing: sample                            # or: batch (one source per batch)
-      samples_per_epoch: 100000                 # images per epoch over all ranks
-      sources:                                  # name, urls (brace pattern/dir/glob/pipe:), weight
-        - {name: refcoco, urls: "shards/refcoco/refcoco-{000000..000099}.tar", weight: 16}
-        - {name: ade20k, urls: shards/ade20k/, weight: 4}
-      val_sources:
-        - {name: refcoco_val, urls: "shards/refcoco_val/*.tar"}
+    evfsam-data inspect recipes/finetune_custom.yaml --samples 32 --grid grid.png
 """
 
 from __future__ import annotations
@@ -39,21 +27,22 @@ from PIL import Image, ImageDraw
 from evfsam_lightning.cli.errors import ArgumentParser, console_script
 from evfsam_lightning.data.schema import IGNORE_VALUE
 
-if TYPE_CHECKING:  # the datamodule imports Lightning: not needed to report a bad command line
-    from evfsam_lightning.data.datamodule import DataConfig
+if TYPE_CHECKING:  # kept out of the start-up: not needed to report a bad command line
+    from evfsam_lightning.config import DataConfig
+    from evfsam_lightning.data.settings import PipelineSettings
 
 _COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230)]
 _TILE, _LINE = 256, 12
 
 
-def realized_mixture(config: DataConfig, samples: int, *, rank: int = 0, world_size: int = 1,
-                     keep: int = 0) -> dict[str, Any]:
+def realized_mixture(data: DataConfig, settings: PipelineSettings, samples: int, *, rank: int = 0,
+                     world_size: int = 1, keep: int = 0) -> dict[str, Any]:
     """Run one rank's training stream for `samples` images; count sources, tasks and skips, and keep
     the first `keep` images (as (image, masks, expressions, title)) for a grid."""
     from evfsam_lightning.data.datamodule import EvfDataModule
 
-    dm = EvfDataModule(config, rank=rank, world_size=world_size)
+    dm = EvfDataModule(data, settings, rank=rank, world_size=world_size)
     sources, tasks, skips, kept = Counter(), Counter(), Counter(), []
     while sum(sources.values()) < samples:
         for batch in dm.train_dataloader():
@@ -108,11 +97,12 @@ def render_grid(tiles: Sequence[tuple[np.ndarray, np.ndarray, list[str], str]], 
     return grid
 
 
-def _report(config: DataConfig, result: dict[str, Any], samples: int, rank: int, world_size: int) -> str:
-    weights = {s.name: s.weight for s in config.sources}
+def _report(data: DataConfig, settings: PipelineSettings, result: dict[str, Any], samples: int, rank: int,
+            world_size: int) -> str:
+    weights = {s.name: s.weight for s in data.train}
     total_weight = sum(weights.values())
-    lines = [f"realized mixture over {samples} images (rank {rank} of {world_size}, seed {config.seed}, "
-             f"mixing {config.mixing}):", f"  {'source':<20}{'weight':>8}{'target':>9}{'realized':>10}{'images':>8}"]
+    lines = [f"realized mixture over {samples} images (rank {rank} of {world_size}, seed {settings.seed}, "
+             f"mixing {data.mixing}):", f"  {'source':<20}{'weight':>8}{'target':>9}{'realized':>10}{'images':>8}"]
     for name, w in weights.items():
         n = result["sources"][name]
         lines.append(f"  {name:<20}{w:>8g}{100 * w / total_weight:>8.1f}%{100 * n / samples:>9.1f}%{n:>8}")
@@ -124,36 +114,38 @@ def _report(config: DataConfig, result: dict[str, Any], samples: int, rank: int,
     return "\n".join(lines)
 
 
-def _data_config(path: str, overrides: Sequence[str]) -> DataConfig:
-    """The pipeline config of a training recipe (+ overrides) or of a `data:`-section file."""
-    import yaml
-
+def _data_for_recipe(path: str, overrides: Sequence[str]) -> tuple[DataConfig, PipelineSettings]:
+    """The data module's inputs for a training recipe (+ overrides), as the run would build them."""
     from evfsam_lightning.config import ConfigError, load
 
-    if not Path(path).is_file():
-        load(path)  # the recipe loader's one-line error for a missing path or a directory
     try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
-    data = doc.get("data") if isinstance(doc, dict) else None
-    if isinstance(data, dict) and ("sources" in data or "tokenizer" in data):
-        if overrides:
-            raise ConfigError(f"{path} is a data config, not a recipe: overrides do not apply")
-        from evfsam_lightning.data.datamodule import load_data_config
-
-        try:
-            return load_data_config(path)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
-    cfg = load(path, overrides)  # errors before the heavy imports below
+        cfg = load(path, overrides)  # errors before the heavy imports below
+    except ConfigError:
+        if _in_former_dialect(path):
+            raise ConfigError(f"{path}: a `data:` section with sources/tokenizer (the data module's own dialect) is "
+                              "no longer read; pass a training recipe (data.train, data.val, model.tokenizer; e.g. "
+                              "recipes/finetune_custom.yaml)") from None
+        raise
     from evfsam_lightning.models.from_config import model_size
-    from evfsam_lightning.training.run import data_config, resolve_pretrained
+    from evfsam_lightning.training.data_setup import data_for_run
+    from evfsam_lightning.training.run import resolve_pretrained
 
     cfg = resolve_pretrained(cfg)
+    data, settings = data_for_run(cfg, model_size(cfg.model))
     # the images themselves, not an embedding cache's features (which may not be built yet)
-    return dataclasses.replace(data_config(cfg, model_size(cfg.model)), embedding_cache=None)
+    return dataclasses.replace(data, embedding_cache=None), settings
+
+
+def _in_former_dialect(path: str) -> bool:
+    """Whether `path` has a `data:` section in the data module's former dialect (sources, tokenizer)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # the recipe loader's error says what is wrong
+        return False
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return isinstance(data, dict) and ("sources" in data or "tokenizer" in data)
 
 
 @console_script("evfsam-data")
@@ -164,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect = commands.add_parser("inspect", help="realized source/task shares and a sample grid",
                                   description="Print the realized share of each source and task kind over N "
                                               "training images and optionally render a grid of samples.")
-    inspect.add_argument("config", help="training recipe, or YAML file with a `data:` section (see above)")
+    inspect.add_argument("recipe", help="training recipe (see above)")
     inspect.add_argument("overrides", nargs="*", help="key=value overrides of a training recipe")
     inspect.add_argument("--samples", type=int, default=200, help="images to draw (default 200)")
     inspect.add_argument("--grid", help="write a PNG grid of the first images with mask overlays here")
@@ -178,10 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--rank {args.rank} must be in [0, --world-size {args.world_size})")
     if args.grid_images < 1:
         parser.error("--grid-images must be >= 1")
-    config = _data_config(args.config, args.overrides)
-    result = realized_mixture(config, args.samples, rank=args.rank, world_size=args.world_size,
+    data, settings = _data_for_recipe(args.recipe, args.overrides)
+    result = realized_mixture(data, settings, args.samples, rank=args.rank, world_size=args.world_size,
                               keep=args.grid_images if args.grid else 0)
-    print(_report(config, result, args.samples, args.rank, args.world_size))
+    print(_report(data, settings, result, args.samples, args.rank, args.world_size))
     if args.grid:
         render_grid(result["tiles"]).save(args.grid)
         print(f"grid of {len(result['tiles'])} images written to {args.grid}")

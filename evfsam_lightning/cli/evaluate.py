@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import lightning as L
 
-    from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
+    from evfsam_lightning.config import DataConfig, SourceConfig
+    from evfsam_lightning.data.datamodule import EvfDataModule
+    from evfsam_lightning.data.settings import PipelineSettings
     from evfsam_lightning.training.evaluation import EvalModule
     from evfsam_lightning.training.loading import load_for_inference, tokenizer_folder
 
@@ -241,15 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     sweep = (sorted(set(args.presence_sweep or DEFAULT_SWEEP)) if model.presence_head is not None else None)
     cfg = model.config
     with tokenizer_folder(tokenizer.evfsam_files) as tok_dir:
-        data = DataConfig(test_sources=[SourceConfig(n, u) for n, u in splits], tokenizer=str(tok_dir),
-                          batch_size=args.batch_size, num_workers=args.workers, sam_image_size=cfg.sam.image_size,
-                          sam_variant=cfg.family, beit_image_size=cfg.beit3.image_size)
+        data = DataConfig(num_workers=args.workers, val_batch_size=args.batch_size, sam_resize="worker")
+        settings = PipelineSettings(tokenizer=str(tok_dir), batch_size=args.batch_size,
+                                    sam_image_size=cfg.sam.image_size, sam_variant=cfg.family,
+                                    beit_image_size=cfg.beit3.image_size)
         module = EvalModule(model, [n for n, _ in splits], args.shuffle_expressions, sweep_thresholds=sweep)
         trainer = L.Trainer(accelerator=args.accelerator, devices=args.devices, precision=args.precision,
                             logger=False, enable_checkpointing=False, enable_progress_bar=not args.no_progress,
                             enable_model_summary=False, use_distributed_sampler=False,
                             strategy="ddp" if args.devices > 1 else "auto")
-        trainer.test(module, datamodule=EvfDataModule(data), verbose=False)
+        datamodule = EvfDataModule(data, settings, test_sources=[SourceConfig(n, [u]) for n, u in splits])
+        trainer.test(module, datamodule=datamodule, verbose=False)
     if not trainer.is_global_zero:
         return 0
     results = {"checkpoint": str(args.checkpoint), "shuffled_expressions": args.shuffle_expressions,

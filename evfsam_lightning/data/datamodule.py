@@ -26,175 +26,34 @@ source's readers start with the first shards of the source's global shard sequen
 of the old layout had started (no shard is read twice; the unread rest of the shards in progress
 is skipped). Any other change is still refused.
 
-Over 350 lines until issue 15's "one run schema" step lands: this file still holds its own
-`DataConfig`/`SourceConfig` (a second schema, with its YAML dialect) besides the data module.
+The module takes the run schema's data section (`config.DataConfig`, every user option) and
+`PipelineSettings` (what comes from the model, trainer and run); `training.data_setup.data_for_run`
+builds both from a `RunConfig`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError
+from ..config import ConfigError, DataConfig, SourceConfig, check_unique_names, validate_data
 from .collate import cached_tokenizer, finish_batch
 from .embedding_cache import EmbeddingCache, preprocessing_fingerprint
 from .eval_stream import EvalStream
-from .examples import (
-    EXPRESSION_SAMPLING,
-    SAM_RESIZE_PLACES,
-    SAM_VARIANTS,
-    Preprocessing,
-    Vocabulary,
-    read_vocabulary,
-)
-from .mixing import MIXING_MODES
+from .examples import Preprocessing, Vocabulary, read_vocabulary
+from .settings import PipelineSettings
 from .skips import SkipLog
 from .stream import expand_urls, iter_shard, missing_local_shards, shard_sizes
 from .train_stream import StreamPosition, TrainSource, TrainStream, reset_position
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-
-
-
-@dataclass
-class SourceConfig:
-    """One dataset as shards."""
-
-    name: str
-    """Source name: appears in batches (`sources`), logs and seeds."""
-    urls: str | list[str]
-    """Shards: a brace pattern (`data/train-{000000..000009}.tar`), a path, a glob, a directory of
-    tars, a `pipe:` command, a remote URL, or a list of these."""
-    weight: float = 1.0
-    """Sampling weight in the training mixture (ignored for val/test sources)."""
-    sizes: str | None = None
-    """A sizes.json ({shard file name: samples}) for shards without one next to them, e.g. `pipe:`."""
-
-
-@dataclass
-class DataConfig:
-    """Everything the data pipeline needs. Mirrored by the `data:` section of a YAML file."""
-
-    sources: list[SourceConfig] = field(default_factory=list)
-    """Training sources with their weights."""
-    tokenizer: str = ""
-    """Folder with the XLM-R `sentencepiece.bpe.model` (and `added_tokens.json`)."""
-    batch_size: int = 2
-    """Images per micro-batch and rank."""
-    num_workers: int = 4
-    """DataLoader workers per rank. The training stream depends on it (resume needs the same)."""
-    max_expressions_per_image: int = 3
-    """Training: up to this many (expression, mask) pairs per image (see `expression_sampling`)."""
-    expression_sampling: str = "sentences"
-    """How training draws a referring image's expressions: "sentences" (EVF-SAM's way: distinct
-    sentences drawn from all sentences of all the image's objects, each with its object's mask) or
-    "objects" (distinct objects, one random sentence each). Other tasks always draw objects."""
-    negatives_per_image: int = 0
-    """Training: up to this many no-target expressions per image from the source's vocabulary.json
-    (categories absent from the image); sources without one get none (warned)."""
-    sam_image_size: int = 1024
-    """SAM input size S."""
-    sam_variant: str = "sam"
-    """"sam": SAM-1 (longest side to S, zero padding); "sam2": plain resize to S x S."""
-    beit_image_size: int = 224
-    """BEiT-3 input size."""
-    max_text_length: int = 64
-    """Token limit per expression (truncation keeps `</s>`)."""
-    seed: int = 0
-    """Seed of the whole training stream."""
-    mixing: str = "sample"
-    """"sample": every image draws its source; "batch": every batch draws one source."""
-    samples_per_epoch: int | None = None
-    """Images per epoch over all ranks (the stream is endless); default: all training shards' sizes."""
-    shuffle_buffer: int = 256
-    """Raw samples (bytes) held per source and worker for shuffling."""
-    shuffle_shards: int = 1
-    """Consecutive shards shuffled together; resuming re-reads up to this many per source and worker."""
-    val_sources: list[SourceConfig] = field(default_factory=list)
-    """Validation sources: finite, unshuffled, every expression of every object."""
-    test_sources: list[SourceConfig] = field(default_factory=list)
-    """Test sources, like `val_sources`."""
-    eval_batch_size: int | None = None
-    """Images per eval batch; default `batch_size`."""
-    strict: bool = False
-    """Raise on the first bad sample (naming shard and key) instead of skipping and counting it."""
-    embedding_cache: str | None = None
-    """Folder of precomputed SAM image features (`evfsam-cache-embeddings`): training batches carry
-    `image_features` instead of the SAM image. Validation and test batches keep their images."""
-    sam_resize: str = "worker"
-    """Where SAM-1's Pillow resize to `sam_image_size` runs: "worker" (data workers) or "device"
-    (after the transfer, in `on_after_batch_transfer`: the same pixels, for GPU training, where it
-    frees the workers of their largest cost; see `pillow_resize`)."""
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid setting."""
-        for name in ("batch_size", "max_expressions_per_image", "sam_image_size", "beit_image_size",
-                     "max_text_length", "shuffle_buffer", "shuffle_shards"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise ValueError(f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
-            raise ValueError(f"data.samples_per_epoch must be >= 1, got {self.samples_per_epoch}")
-        if self.expression_sampling not in EXPRESSION_SAMPLING:
-            raise ValueError(f"data.expression_sampling {self.expression_sampling!r} not in {EXPRESSION_SAMPLING}")
-        if self.mixing not in MIXING_MODES:
-            raise ValueError(f"data.mixing {self.mixing!r} not in {MIXING_MODES}")
-        if self.sam_variant not in SAM_VARIANTS:
-            raise ValueError(f"data.sam_variant {self.sam_variant!r} not in {SAM_VARIANTS}")
-        if self.sam_resize not in SAM_RESIZE_PLACES:
-            raise ValueError(f"data.sam_resize {self.sam_resize!r} not in {SAM_RESIZE_PLACES}")
-        if not self.tokenizer:
-            raise ValueError("data.tokenizer: give the folder holding sentencepiece.bpe.model")
-        for group in ("sources", "val_sources", "test_sources"):
-            names = [s.name for s in getattr(self, group)]
-            if len(set(names)) != len(names):
-                raise ValueError(f"data.{group}: duplicate source names {names}")
-        if self.sources and (any(s.weight < 0 for s in self.sources) or sum(s.weight for s in self.sources) <= 0):
-            raise ValueError("data.sources: weights must be >= 0 with a positive sum")
-
-
-def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    missing = [n for n, f in known.items() if n not in values and f.default is MISSING
-               and f.default_factory is MISSING]
-    if missing:
-        raise ValueError(f"{where}: missing keys {missing}")
-    return cls(**values)
-
-
-def data_config_from_dict(values: Mapping[str, Any]) -> DataConfig:
-    """A `DataConfig` from a plain mapping (e.g. a YAML `data:` section); unknown keys are errors."""
-    values = dict(values)
-    for group in ("sources", "val_sources", "test_sources"):
-        values[group] = [_build(SourceConfig, s, f"data.{group}[{i}]") for i, s in enumerate(values.get(group) or [])]
-    config = _build(DataConfig, values, "data")
-    config.validate()
-    return config
-
-
-def load_data_config(path: str) -> DataConfig:
-    """The `data:` section of a YAML recipe/config file as a `DataConfig`."""
-    import yaml
-
-    with open(path) as f:
-        doc = yaml.safe_load(f)
-    if not isinstance(doc, dict) or not isinstance(doc.get("data"), dict):
-        raise ValueError(f"{path}: expected a mapping with a `data:` section")
-    return data_config_from_dict(doc["data"])
 
 
 def _keep(batch: Any) -> Any:
@@ -232,28 +91,37 @@ class EvfDataModule(L.LightningDataModule):
     `rank`/`world_size` default to the trainer's (or torch.distributed's); give them to build the
     stream of one rank outside a distributed run. This module overrides `on_before_batch_transfer`
     (to record consumed batches) and `on_after_batch_transfer` (to finish the SAM image on the
-    device); Lightning then ignores a LightningModule's override of those hooks."""
+    device); Lightning then ignores a LightningModule's override of those hooks.
 
-    def __init__(self, config: DataConfig, *, rank: int | None = None, world_size: int | None = None):
+    `data` is the run's data section with its training and validation sources filled in and
+    `sam_resize` resolved (worker or device, not auto); `test_sources` are what `test_dataloader`
+    reads (evaluation's splits; training has none)."""
+
+    def __init__(self, data: DataConfig, settings: PipelineSettings, *, test_sources: Sequence[SourceConfig] = (),
+                 rank: int | None = None, world_size: int | None = None):
         super().__init__()
-        config.validate()
-        self.config = config
-        self.prep = Preprocessing(sam_image_size=config.sam_image_size, sam_variant=config.sam_variant,
-                                  beit_image_size=config.beit_image_size, max_text_length=config.max_text_length,
-                                  tokenizer=config.tokenizer, sam_resize=config.sam_resize)
+        validate_data(data)
+        if data.sam_resize == "auto":
+            raise ConfigError("data.sam_resize=auto reached the data module unresolved "
+                              "(training.data_setup.resolve_sam_resize chooses worker or device)")
+        check_unique_names(list(test_sources), "test sources")
+        self.data, self.settings, self.test_sources = data, settings, list(test_sources)
+        self.prep = Preprocessing(sam_image_size=settings.sam_image_size, sam_variant=settings.sam_variant,
+                                  beit_image_size=settings.beit_image_size, max_text_length=data.max_text_length,
+                                  tokenizer=settings.tokenizer, sam_resize=data.sam_resize)
         self._topology = (rank, world_size)
         self.rank: int | None = None
         self.world_size: int | None = None
-        self.workers = max(1, config.num_workers)
+        self.workers = max(1, data.num_workers)
         self.position = StreamPosition(0, [None] * self.workers)
         self.data_stats_total: Counter[str] = Counter()
         """Skip counts of the training batches consumed on this rank (kept in the data state)."""
         self._train: list[TrainSource] | None = None
         # Opened (and checked against the sources and preprocessing) here, so that a missing or
         # stale cache fails before any training work.
-        self._embedding_cache: EmbeddingCache | None = None if not config.embedding_cache else EmbeddingCache(
-            config.embedding_cache, {s.name: expand_urls(s.urls) for s in config.sources},
-            preprocessing_fingerprint(config.sam_variant, config.sam_image_size))
+        self._embedding_cache: EmbeddingCache | None = None if not data.embedding_cache else EmbeddingCache(
+            data.embedding_cache, {s.name: expand_urls(s.urls) for s in data.train},
+            preprocessing_fingerprint(settings.sam_variant, settings.sam_image_size))
         self._batches_per_epoch: int | None = None
         self._eval_sizes: dict[str, tuple[list[str], list[int]]] = {}
         self._pending_state: dict[str, Any] | None = None
@@ -279,17 +147,17 @@ class EvfDataModule(L.LightningDataModule):
         """Resolve rank and world size, expand and check the training shards, load the tokenizer."""
         if self.rank is None:
             self._resolve_topology()
-            cached_tokenizer(self.config.tokenizer)  # fail here, not in a worker
-        if self._train is None and self.config.sources:
+            cached_tokenizer(self.settings.tokenizer)  # fail here, not in a worker
+        if self._train is None and self.data.train:
             self._setup_train()
         if self._pending_state is not None and self._train is not None:
             state, self._pending_state = self._pending_state, None
             self._apply_state(state)
 
     def _setup_train(self) -> None:
-        cfg = self.config
+        cfg = self.data
         train, total = [], 0
-        for src in cfg.sources:
+        for src in cfg.train:
             urls = expand_urls(src.urls)
             missing = missing_local_shards(urls)
             if missing:
@@ -299,13 +167,13 @@ class EvfDataModule(L.LightningDataModule):
             total = None if total is None or sizes is None else total + sum(sizes)
             vocabulary = read_vocabulary(src.name, urls) if cfg.negatives_per_image else Vocabulary()
             train.append(TrainSource(src.name, tuple(urls), float(src.weight), vocabulary))
-        samples = cfg.samples_per_epoch if cfg.samples_per_epoch is not None else total
+        samples = cfg.samples_per_epoch or total  # 0: one pass over the training shards
         if samples is None:
             raise ValueError("data.samples_per_epoch: set it, or give every training source a sizes.json")
-        per_step = cfg.batch_size * self.world_size
+        per_step = self.settings.batch_size * self.world_size
         if samples < per_step:
             raise ValueError(f"an epoch of {samples} samples is less than one batch on every rank "
-                             f"({cfg.batch_size} x {self.world_size})")
+                             f"({self.settings.batch_size} x {self.world_size})")
         self._train, self._batches_per_epoch = train, samples // per_step
 
     @property
@@ -313,16 +181,16 @@ class EvfDataModule(L.LightningDataModule):
         """Training batches per rank and epoch (samples_per_epoch // (batch_size x world_size))."""
         self.setup()
         if self._batches_per_epoch is None:
-            raise ValueError("no training sources configured (data.sources is empty)")
+            raise ValueError("no training sources configured (data.train is empty)")
         return self._batches_per_epoch
 
     # ---- dataloaders -------------------------------------------------------------------------
     def train_stream(self) -> TrainStream:
         """This rank's training stream, continuing from the current (consumed) position."""
-        cfg = self.config
+        cfg = self.data
         self.setup()
-        return TrainStream(self._train or [], prep=self.prep, batch_size=cfg.batch_size, rank=self.rank,
-                           world_size=self.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
+        return TrainStream(self._train or [], prep=self.prep, batch_size=self.settings.batch_size, rank=self.rank,
+                           world_size=self.world_size, num_workers=cfg.num_workers, seed=self.settings.seed,
                            mixing=cfg.mixing, batches_per_epoch=self.batches_per_epoch,
                            max_expressions_per_image=cfg.max_expressions_per_image,
                            buffer_size=cfg.shuffle_buffer, block_shards=cfg.shuffle_shards, strict=cfg.strict,
@@ -332,7 +200,7 @@ class EvfDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Workers restart every epoch (not persistent) so that each starts from the consumed position.
-        return TrainLoader(self.train_stream(), batch_size=None, num_workers=self.config.num_workers,
+        return TrainLoader(self.train_stream(), batch_size=None, num_workers=self.data.num_workers,
                            collate_fn=_keep, persistent_workers=False)
 
     def eval_stream(self, source: SourceConfig) -> EvalStream:
@@ -344,26 +212,26 @@ class EvfDataModule(L.LightningDataModule):
             if sizes is None:  # count by reading; eval splits are small
                 log.info("eval source %s: no sizes.json, counting samples in %d shards", source.name, len(urls))
                 # not muted: an unreadable shard is warned about and counted (strict: an error), as in training
-                counting = SkipLog(self.config.strict)
+                counting = SkipLog(self.data.strict)
                 sizes = [sum(1 for _ in iter_shard(u, counting)) for u in urls]
                 unreadable = counting.take()["read_error"]
             self._eval_sizes[source.name] = (urls, sizes, unreadable)
         urls, sizes, unreadable = self._eval_sizes[source.name]
         return EvalStream(source.name, urls, sizes, prep=self.prep,
-                          batch_size=self.config.eval_batch_size or self.config.batch_size,
-                          rank=self.rank, world_size=self.world_size, strict=self.config.strict,
+                          batch_size=self.data.val_batch_size,
+                          rank=self.rank, world_size=self.world_size, strict=self.data.strict,
                           unreadable_shards=unreadable if self.rank == 0 else 0)
 
     def _eval_loaders(self, sources: list[SourceConfig]) -> DataLoader | list[DataLoader]:
-        loaders = [DataLoader(self.eval_stream(s), batch_size=None, num_workers=self.config.num_workers,
+        loaders = [DataLoader(self.eval_stream(s), batch_size=None, num_workers=self.data.num_workers,
                               collate_fn=_keep) for s in sources]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        return self._eval_loaders(self.config.val_sources)
+        return self._eval_loaders(self.data.val)
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
-        return self._eval_loaders(self.config.test_sources)
+        return self._eval_loaders(self.test_sources)
 
     # ---- consumed position and state -----------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -389,10 +257,10 @@ class EvfDataModule(L.LightningDataModule):
         self.data_stats_total.update(batch["data_stats"])
 
     def _fingerprint(self) -> dict[str, Any]:
-        cfg = self.config
+        cfg = self.data
         return _plain({
-            "world_size": self.world_size, "workers": self.workers, "batch_size": cfg.batch_size,
-            "seed": cfg.seed, "mixing": cfg.mixing, "batches_per_epoch": self.batches_per_epoch,
+            "world_size": self.world_size, "workers": self.workers, "batch_size": self.settings.batch_size,
+            "seed": self.settings.seed, "mixing": cfg.mixing, "batches_per_epoch": self.batches_per_epoch,
             "max_expressions_per_image": cfg.max_expressions_per_image, "shuffle_buffer": cfg.shuffle_buffer,
             "shuffle_shards": cfg.shuffle_shards,
             **({"negatives_per_image": cfg.negatives_per_image} if cfg.negatives_per_image else {}),
@@ -448,8 +316,8 @@ class EvfDataModule(L.LightningDataModule):
     def _reset_state(self, state: dict[str, Any], saved: dict[str, Any]) -> None:
         index, readers = reset_position(saved, state["ranks"], int(state["batch_index"]), rank=self.rank,
                                         world_size=self.world_size, workers=self.workers,
-                                        batch_size=self.config.batch_size, batches_per_epoch=self.batches_per_epoch,
-                                        shuffle_shards=self.config.shuffle_shards)
+                                        batch_size=self.settings.batch_size, batches_per_epoch=self.batches_per_epoch,
+                                        shuffle_shards=self.data.shuffle_shards)
         self.position.batch_index = index
         self.position.readers[:] = readers
         total: Counter[str] = Counter()

@@ -11,7 +11,7 @@ import warnings
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 
-from evfsam_lightning.config import ConfigError, RunConfig, to_yaml
+from evfsam_lightning.config import ConfigError, DataConfig, RunConfig, to_yaml
 from evfsam_lightning.training.callbacks import (
     CompleteCheckpoint,
     DamagedCheckpoint,
@@ -32,61 +32,12 @@ from evfsam_lightning.training.loggers import (
 )
 from evfsam_lightning.training.peers import PeerTable
 from evfsam_lightning.training.preemption import PreemptionCheckpoint, preemption_exit_code, slurm_plugins
-from evfsam_lightning.training.preflight import preflight, tokenizer_setting
+from evfsam_lightning.training.preflight import preflight
 from evfsam_lightning.training.run_callbacks import DataPositionReset, ProcessLayout, Throughput
 from evfsam_lightning.training.run_lock import RunLock
 from evfsam_lightning.training.signals import EXIT_REQUEUED
-from evfsam_lightning.training.synthetic import ensure_synthetic
 
 log = logging.getLogger(__name__)
-
-
-def data_config(cfg: RunConfig, model_cfg):
-    """The data pipeline's config from the run config (shards, tokenizer, preprocessing sizes)."""
-    from evfsam_lightning.data.datamodule import DataConfig, SourceConfig
-
-    d = cfg.data
-    train = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.train]
-    val = [SourceConfig(s.name, list(s.urls), s.weight) for s in d.val]
-    setting = tokenizer_setting(cfg)  # its folder and sentencepiece model are checked by preflight()
-    tokenizer = setting[1] if setting else None
-    if d.synthetic is not None:
-        root, tok = ensure_synthetic(cfg)
-        train = train or [SourceConfig("synthetic", [str(root / "train")])]
-        val = val or [SourceConfig("synthetic", [str(root / "val")])]
-        tokenizer = tokenizer or str(tok)
-    return DataConfig(
-        sources=train, val_sources=val, tokenizer=str(tokenizer), batch_size=cfg.trainer.micro_batch_size,
-        num_workers=d.num_workers, max_expressions_per_image=d.max_expressions_per_image,
-        negatives_per_image=d.negatives_per_image,
-        expression_sampling=d.expression_sampling,
-        sam_image_size=model_cfg.sam.image_size, sam_variant=model_cfg.family,
-        beit_image_size=model_cfg.beit3.image_size, max_text_length=d.max_text_length, seed=cfg.seed,
-        mixing=d.mixing, samples_per_epoch=d.samples_per_epoch or None, shuffle_buffer=d.shuffle_buffer,
-        shuffle_shards=d.shuffle_shards, eval_batch_size=d.val_batch_size, strict=d.strict,
-        embedding_cache=d.embedding_cache, sam_resize=resolve_sam_resize(cfg),
-    )
-
-
-def resolve_sam_resize(cfg: RunConfig) -> str:
-    """`data.sam_resize=auto`: "device" when the run trains on a GPU and the installed Pillow's
-    resize is reproduced there (`pillow_resize.device_resize_available`), else "worker". On a CPU
-    the workers' Pillow (SIMD) is the faster of the two."""
-    import torch
-
-    from evfsam_lightning.data.pillow_resize import device_resize_available
-
-    choice = cfg.data.sam_resize
-    if choice == "auto":
-        accelerator = cfg.trainer.accelerator
-        gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-        choice = "device" if gpu else "worker"
-    if choice == "device" and not device_resize_available():
-        if cfg.data.sam_resize == "device":
-            raise ConfigError("data.sam_resize=device: the installed Pillow resizes differently from "
-                              "pillow_resize's implementation; use data.sam_resize=worker")
-        return "worker"
-    return choice
 
 
 def resolve_pretrained(cfg: RunConfig) -> RunConfig:
@@ -115,7 +66,7 @@ def resolve_pretrained(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(m, size="custom", dims=dims))
 
 
-def resolve_epochs(cfg: RunConfig, data) -> RunConfig:
+def resolve_epochs(cfg: RunConfig, data: DataConfig) -> RunConfig:
     """`trainer.max_epochs` / `val_every_n_epochs` -> steps, from the training images per epoch
     (`data.samples_per_epoch`, else the shards' sizes.json), so one recipe fits any dataset size."""
     from evfsam_lightning.data.stream import expand_urls, shard_sizes
@@ -124,8 +75,8 @@ def resolve_epochs(cfg: RunConfig, data) -> RunConfig:
     if not (t.max_epochs or t.val_every_n_epochs):
         return cfg
     images = data.samples_per_epoch
-    if images is None:
-        sizes = [shard_sizes(expand_urls(src.urls), src.sizes) for src in data.sources]
+    if not images:  # 0: one pass over the training shards
+        sizes = [shard_sizes(expand_urls(src.urls), src.sizes) for src in data.train]
         if any(s is None for s in sizes):
             raise ConfigError("trainer.max_epochs / val_every_n_epochs need the training images per epoch: give "
                               "every training source a sizes.json or set data.samples_per_epoch")
@@ -288,6 +239,7 @@ def _train(cfg: RunConfig, holds_lock: bool) -> L.Trainer:
     from evfsam_lightning.data.datamodule import EvfDataModule
     from evfsam_lightning.data.embedding_cache import EmbeddingCacheError
     from evfsam_lightning.models.from_config import model_size
+    from evfsam_lightning.training.data_setup import data_for_run
     from evfsam_lightning.training.module import EvfSamModule
 
     if holds_lock:  # what a killed save left behind; no save of this run can be under way now
@@ -297,14 +249,14 @@ def _train(cfg: RunConfig, holds_lock: bool) -> L.Trainer:
     cfg = resolve_precision(resolve_pretrained(cfg))
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     try:  # the datamodule opens the embedding cache: a missing or stale one stops the run here
-        datamodule = EvfDataModule(data_config(cfg, model_size(cfg.model)))
+        datamodule = EvfDataModule(*data_for_run(cfg, model_size(cfg.model)))
     except EmbeddingCacheError as e:
         raise ConfigError(f"data.embedding_cache: {e}") from None
     datamodule.reset_data_position = cfg.checkpoint.reset_data_position
-    cfg = resolve_epochs(cfg, datamodule.config)
+    cfg = resolve_epochs(cfg, datamodule.data)
     config_dict = _as_dict(cfg)
-    module = EvfSamModule(config_dict, val_sources=[s.name for s in datamodule.config.val_sources],
-                          tokenizer_dir=datamodule.config.tokenizer)
+    module = EvfSamModule(config_dict, val_sources=[s.name for s in datamodule.data.val],
+                          tokenizer_dir=datamodule.settings.tokenizer)
     trainer = build_trainer(cfg)
     if trainer.is_global_zero:
         atomic_write_text(cfg.run_dir / "config.yaml", to_yaml(cfg))

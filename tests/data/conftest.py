@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from evfsam_lightning.data.datamodule import DataConfig, SourceConfig
+from evfsam_lightning.config import DataConfig, SourceConfig
 from evfsam_lightning.data.schema import Sample, SampleObject, encode_sample
+from evfsam_lightning.data.settings import PipelineSettings
 from evfsam_lightning.data.tokenizer import build_tokenizer
 
 TASKS = {"refcoco": "referring", "objects365": "instance", "ade20k": "semantic",
@@ -81,16 +83,25 @@ def three_sources(tmp_path_factory) -> tuple[Path, dict[str, Sample]]:
     return root, samples
 
 
-def config(tokenizer: str, root: Path, **overrides) -> DataConfig:
-    """A tiny-image config over `three_sources` (weights 4:2:1)."""
+def pipeline(tokenizer: str, **values) -> tuple[DataConfig, PipelineSettings]:
+    """The data module's two inputs; each value goes to the one dataclass that declares it. Defaults
+    for tests: the SAM resize in the workers, validation batches as large as training ones."""
+    derived = {f.name for f in fields(PipelineSettings)}
+    values = {"sam_resize": "worker", "val_batch_size": values.get("batch_size", 2), **values}
+    data = DataConfig(**{k: v for k, v in values.items() if k not in derived})
+    return data, PipelineSettings(tokenizer=tokenizer, **{k: v for k, v in values.items() if k in derived})
+
+
+def data_settings(tokenizer: str, root: Path, **overrides) -> tuple[DataConfig, PipelineSettings]:
+    """A tiny-image pipeline over `three_sources` (weights 4:2:1)."""
     values = dict(
-        sources=[SourceConfig("refcoco", str(root / "refcoco" / "refcoco-{000000..000004}.tar"), 4.0),
-                 SourceConfig("ade20k", str(root / "ade20k"), 2.0),
-                 SourceConfig("pascal_part", str(root / "pascal_part" / "*.tar"), 1.0)],
-        tokenizer=tokenizer, batch_size=2, num_workers=0, sam_image_size=64, beit_image_size=32,
+        train=[SourceConfig("refcoco", [str(root / "refcoco" / "refcoco-{000000..000004}.tar")], 4.0),
+               SourceConfig("ade20k", [str(root / "ade20k")], 2.0),
+               SourceConfig("pascal_part", [str(root / "pascal_part" / "*.tar")], 1.0)],
+        batch_size=2, num_workers=0, sam_image_size=64, beit_image_size=32,
         max_text_length=16, shuffle_buffer=4, samples_per_epoch=24, seed=7)
     values.update(overrides)
-    return DataConfig(**values)
+    return pipeline(tokenizer, **values)
 
 
 def consume(dm, n_batches: int) -> list[dict]:

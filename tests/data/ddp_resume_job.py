@@ -13,7 +13,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from evfsam_lightning.data.datamodule import EvfDataModule, data_config_from_dict
+from evfsam_lightning.data.datamodule import EvfDataModule
+from tests.data.conftest import data_settings
 
 
 class KeyRecorder(L.LightningModule):
@@ -37,13 +38,14 @@ class KeyRecorder(L.LightningModule):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--shards", type=Path, required=True, help="the `three_sources` folder")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--max-steps", type=int, required=True)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--ckpt")
     args = p.parse_args()
-    dm = EvfDataModule(data_config_from_dict(json.loads(Path(args.config).read_text())))
+    dm = EvfDataModule(*data_settings(args.tokenizer, args.shards, num_workers=2))
     callbacks = []
     if args.save_every:
         callbacks.append(ModelCheckpoint(dirpath=args.out / "ckpt", filename="{step}",

@@ -10,17 +10,15 @@ from evfsam_lightning.cli.data import main
 def test_inspect_prints_realized_shares_and_writes_a_grid(three_sources, tokenizer_dir, tmp_path, capsys):
     root, _ = three_sources
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"""data:
-  tokenizer: {tokenizer_dir}
-  batch_size: 2
+    recipe.write_text(f"""model: {{size: tiny, tokenizer: {tokenizer_dir}}}
+trainer: {{accelerator: cpu, micro_batch_size: 2, global_batch_size: 2}}
+data:
   num_workers: 0
-  sam_image_size: 64
-  beit_image_size: 32
   samples_per_epoch: 24
-  sources:
-    - {{name: refcoco, urls: "{root}/refcoco/refcoco-{{000000..000004}}.tar", weight: 4}}
-    - {{name: ade20k, urls: "{root}/ade20k", weight: 2}}
-    - {{name: pascal_part, urls: "{root}/pascal_part/*.tar", weight: 1}}
+  train:
+    - {{name: refcoco, urls: ["{root}/refcoco/refcoco-{{000000..000004}}.tar"], weight: 4}}
+    - {{name: ade20k, urls: ["{root}/ade20k"], weight: 2}}
+    - {{name: pascal_part, urls: ["{root}/pascal_part/*.tar"], weight: 1}}
 """)
     grid = tmp_path / "grid.png"
     assert main(["inspect", str(recipe), "--samples", "41", "--grid", str(grid), "--grid-images", "5"]) == 0

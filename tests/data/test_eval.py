@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
+from evfsam_lightning.config import SourceConfig
+from evfsam_lightning.data.datamodule import EvfDataModule
 from evfsam_lightning.data.eval_stream import eval_batch_ranges
-from tests.data.conftest import write_source
+from tests.data.conftest import pipeline, write_source
 
 
 @pytest.mark.parametrize("total", [2, 3, 7, 13, 40])
@@ -39,13 +40,12 @@ def val_split(tmp_path_factory):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_every_val_sample_exactly_once_across_two_ranks(val_split, tokenizer_dir, num_workers):
     root, samples = val_split
-    cfg = DataConfig(tokenizer=tokenizer_dir, batch_size=2, num_workers=num_workers, sam_image_size=32,
-                     beit_image_size=16, max_expressions_per_image=1,
-                     val_sources=[SourceConfig("refcoco_val", str(root / "refcoco_val")),
-                                  SourceConfig("ade20k_val", str(root / "ade20k_val" / "*.tar"))])
+    pair = pipeline(tokenizer_dir, batch_size=2, num_workers=num_workers, sam_image_size=32, beit_image_size=16,
+                    max_expressions_per_image=1, val=[SourceConfig("refcoco_val", [str(root / "refcoco_val")]),
+                                                      SourceConfig("ade20k_val", [str(root / "ade20k_val" / "*.tar")])])
     per_rank = []
     for rank in (0, 1):
-        loaders = EvfDataModule(cfg, rank=rank, world_size=2).val_dataloader()
+        loaders = EvfDataModule(*pair, rank=rank, world_size=2).val_dataloader()
         per_rank.append([list(loader) for loader in loaders])
     for idx, name in enumerate(("refcoco_val", "ade20k_val")):
         counts = [len(per_rank[r][idx]) for r in (0, 1)]
@@ -73,8 +73,8 @@ def test_eval_text_is_normalised_as_the_reference_only_for_referring(tmp_path, t
     referring.objects[0].expressions = ["  The Man On The LEFT ", "woman"]
     semantic.objects[0].expressions = ["[semantic] Wall"]
     write_shard(tmp_path / "val.tar", [encode_sample(referring), encode_sample(semantic)])
-    cfg = DataConfig(tokenizer=tokenizer_dir, batch_size=2, num_workers=0, sam_image_size=32, beit_image_size=16,
-                     val_sources=[SourceConfig("val", str(tmp_path / "val.tar"))])
-    (batch,) = list(EvfDataModule(cfg, rank=0, world_size=1).val_dataloader())
+    pair = pipeline(tokenizer_dir, batch_size=2, num_workers=0, sam_image_size=32, beit_image_size=16,
+                    val=[SourceConfig("val", [str(tmp_path / "val.tar")])])
+    (batch,) = list(EvfDataModule(*pair, rank=0, world_size=1).val_dataloader())
     assert batch["expressions"][:2] == ["the man on the left", "woman"]
     assert batch["expressions"][batch["offsets"][1]] == "[semantic] Wall"

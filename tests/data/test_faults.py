@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
+from evfsam_lightning.config import DataConfig, SourceConfig
+from evfsam_lightning.data.datamodule import EvfDataModule
 from evfsam_lightning.data.schema import encode_sample
+from evfsam_lightning.data.settings import PipelineSettings
 from evfsam_lightning.data.skips import DataError, SkipLog
 from evfsam_lightning.data.stream import SourceReader, iter_shard
-from tests.data.conftest import consume, make_sample, write_shard
+from tests.data.conftest import consume, make_sample, pipeline, write_shard
 
 
 def _members(key: str, n_objects: int = 2) -> dict:
@@ -76,11 +78,11 @@ def faulty(tmp_path_factory):
     return root, truth
 
 
-def _config(root: Path, tokenizer: str, **kw) -> DataConfig:
-    values = dict(sources=[SourceConfig("faulty", str(root / "s{0..3}.tar"))], tokenizer=tokenizer, batch_size=1,
-                  num_workers=0, sam_image_size=32, beit_image_size=16, shuffle_buffer=3, samples_per_epoch=1000)
+def _config(root: Path, tokenizer: str, **kw) -> tuple[DataConfig, PipelineSettings]:
+    values = dict(train=[SourceConfig("faulty", [str(root / "s{0..3}.tar")])], batch_size=1, num_workers=0,
+                  sam_image_size=32, beit_image_size=16, shuffle_buffer=3, samples_per_epoch=1000)
     values.update(kw)
-    return DataConfig(**values)
+    return pipeline(tokenizer, **values)
 
 
 def test_truncated_shards_yield_their_complete_samples(faulty):
@@ -100,7 +102,7 @@ def test_training_stream_skips_and_counts_each_fault_in_the_batch_that_met_it(fa
     root, truth = faulty
     n_good = sum(r is None for r in truth.values())
     n_batches = 2 * n_good  # two passes over the shards
-    batches = consume(EvfDataModule(_config(root, tokenizer_dir)), n_batches)
+    batches = consume(EvfDataModule(*_config(root, tokenizer_dir)), n_batches)
     # The expected batches, from the reader's raw order and the ground truth (not from the decoder).
     reader = SourceReader("faulty", [str(root / f"s{i}.tar") for i in range(4)], seed=0, reader=0, n_readers=1,
                           buffer_size=3, block_shards=1, skips=SkipLog())
@@ -122,9 +124,8 @@ def test_training_stream_skips_and_counts_each_fault_in_the_batch_that_met_it(fa
 
 def test_eval_stream_counts_every_fault_exactly_once(faulty, tokenizer_dir):
     root, truth = faulty
-    cfg = _config(root, tokenizer_dir, val_sources=[SourceConfig("faulty", str(root / "s{0..3}.tar"))],
-                  num_workers=2)
-    dm = EvfDataModule(cfg, rank=0, world_size=1)
+    pair = _config(root, tokenizer_dir, val=[SourceConfig("faulty", [str(root / "s{0..3}.tar")])], num_workers=2)
+    dm = EvfDataModule(*pair, rank=0, world_size=1)
     batches = list(dm.val_dataloader())
     keys = [k for b in batches for k in b["keys"]]
     assert sorted(keys) == sorted(k for k, r in truth.items() if r is None)
@@ -139,7 +140,7 @@ def test_eval_stream_counts_every_fault_exactly_once(faulty, tokenizer_dir):
 def test_strict_mode_raises_naming_shard_and_key(faulty, tokenizer_dir):
     root, truth = faulty
     with pytest.raises(DataError, match=r"strict data mode: shard .*/s\d\.tar, sample (bad_\w+|good_b3|good_c2)") as e:
-        consume(EvfDataModule(_config(root, tokenizer_dir, strict=True)), 30)
+        consume(EvfDataModule(*_config(root, tokenizer_dir, strict=True)), 30)
     key = str(e.value).split("sample ")[1].split(":")[0]
     assert truth[key] == e.value.reason
 
@@ -147,13 +148,12 @@ def test_strict_mode_raises_naming_shard_and_key(faulty, tokenizer_dir):
 def test_unreadable_shard_counts_a_read_error_and_a_source_without_data_stops(tmp_path, tokenizer_dir):
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar archive" * 10)
     write_shard(tmp_path / "ok.tar", [_members("ok0"), _members("ok1")])
-    cfg = _config(tmp_path, tokenizer_dir, sources=[SourceConfig("mixed", [str(tmp_path / "junk.tar"),
-                                                                           "pipe:cat " + str(tmp_path / "nope.tar"),
-                                                                           str(tmp_path / "ok.tar")])])
-    batches = consume(EvfDataModule(cfg), 4)
+    urls = [str(tmp_path / "junk.tar"), "pipe:cat " + str(tmp_path / "nope.tar"), str(tmp_path / "ok.tar")]
+    data, settings = _config(tmp_path, tokenizer_dir, train=[SourceConfig("mixed", urls)])
+    batches = consume(EvfDataModule(data, settings), 4)
     assert {k for b in batches for k in b["keys"]} == {"ok0", "ok1"}
     assert sum(b["data_stats"]["read_error"] for b in batches) >= 2
     assert all(b["data_stats"]["skipped"] == 0 for b in batches)
-    cfg.sources = [SourceConfig("junk", str(tmp_path / "junk.tar"))]
+    data.train = [SourceConfig("junk", [str(tmp_path / "junk.tar")])]
     with pytest.raises(DataError, match="source junk: no readable sample"):
-        consume(EvfDataModule(cfg), 1)
+        consume(EvfDataModule(data, settings), 1)

@@ -11,7 +11,7 @@ from PIL import Image
 from evfsam_lightning.data import pillow_resize
 from evfsam_lightning.data.datamodule import EvfDataModule
 from evfsam_lightning.data.transforms import sam_resize_hw
-from tests.data.conftest import config, consume
+from tests.data.conftest import consume, data_settings
 
 
 def _pillow(image: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -76,8 +76,8 @@ def test_device_resize_batches_equal_worker_batches(tokenizer_dir, three_sources
     """The same training stream with sam_resize=device (decoded images in the batch, resized in
     on_after_batch_transfer) and with the workers' resize: bit-identical model inputs."""
     root, _ = three_sources
-    worker = consume(EvfDataModule(config(tokenizer_dir, root, sam_image_size=96)), 4)
-    device = consume(EvfDataModule(config(tokenizer_dir, root, sam_image_size=96, sam_resize="device")), 4)
+    worker = consume(EvfDataModule(*data_settings(tokenizer_dir, root, sam_image_size=96)), 4)
+    device = consume(EvfDataModule(*data_settings(tokenizer_dir, root, sam_image_size=96, sam_resize="device")), 4)
     for a, b in zip(worker, device, strict=True):
         assert a["keys"] == b["keys"]
         assert "sam_images_uint8" not in b and "sam_resize_sizes" not in b
@@ -87,8 +87,10 @@ def test_device_resize_batches_equal_worker_batches(tokenizer_dir, three_sources
 
 def test_unknown_resize_place_is_named(tokenizer_dir, three_sources):
     root, _ = three_sources
-    with pytest.raises(ValueError, match="data.sam_resize 'gpu'"):
-        config(tokenizer_dir, root, sam_resize="gpu").validate()
+    with pytest.raises(ValueError, match="data.sam_resize='gpu' is not allowed"):
+        EvfDataModule(*data_settings(tokenizer_dir, root, sam_resize="gpu"))
+    with pytest.raises(ValueError, match="data.sam_resize=auto reached the data module unresolved"):
+        EvfDataModule(*data_settings(tokenizer_dir, root, sam_resize="auto"))
 
 
 def test_a_batch_without_images_is_finished_too():

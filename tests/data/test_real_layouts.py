@@ -18,7 +18,7 @@ from evfsam_lightning.data.datamodule import EvfDataModule
 from evfsam_lightning.data.sources.common import decode_coco_segmentation
 from evfsam_lightning.data.tokenizer import build_tokenizer
 from evfsam_lightning.training.losses import mask_loss
-from tests.data.conftest import config, consume
+from tests.data.conftest import consume, data_settings
 from tests.data.test_sources import (
     POLY,
     H,
@@ -213,13 +213,13 @@ def test_grefcoco_no_target_objects_reach_the_batch_and_the_loss(tmp_path):
     texts = ["two people", "both persons", "right person and the dog", "the cat", "small person", "a horse",
              "horse on the left"]
     tok = str(build_tokenizer(texts * 20, tmp_path / "tok", vocab_size=64))
-    from evfsam_lightning.data.datamodule import SourceConfig
+    from evfsam_lightning.config import SourceConfig
 
-    cfg = config(tok, tmp_path, sources=[SourceConfig("grefcoco", str(out / "train"), 1.0),
-                                         SourceConfig("grefcoco_val", str(out / "val"), 1.0)],
-                 batch_size=2, max_expressions_per_image=3, samples_per_epoch=8)
+    pair = data_settings(tok, tmp_path, train=[SourceConfig("grefcoco", [str(out / "train")], 1.0),
+                                               SourceConfig("grefcoco_val", [str(out / "val")], 1.0)],
+                         batch_size=2, max_expressions_per_image=3, samples_per_epoch=8)
     seen_empty = 0
-    for batch in consume(EvfDataModule(cfg), 4):
+    for batch in consume(EvfDataModule(*pair), 4):
         masks = batch["masks"]
         seen_empty += sum(int((m == 0).all()) for group in masks for m in group)
         logits = [torch.randn(m.shape, requires_grad=True) for m in masks]

@@ -10,10 +10,12 @@ from collections import Counter
 
 import pytest
 
-from evfsam_lightning.data.datamodule import DataConfig, EvfDataModule, SourceConfig
+from evfsam_lightning.config import DataConfig, SourceConfig
+from evfsam_lightning.data.datamodule import EvfDataModule
 from evfsam_lightning.data.schema import SampleError, decode_sample, encode_sample
+from evfsam_lightning.data.settings import PipelineSettings
 from evfsam_lightning.data.skips import DataError
-from tests.data.conftest import consume, make_sample, write_shard
+from tests.data.conftest import consume, make_sample, pipeline, write_shard
 
 
 def _members(key: str) -> dict:
@@ -63,15 +65,15 @@ def wrong_shard(tmp_path_factory):
     return root / "s0.tar", good
 
 
-def _config(shard, tokenizer: str, **kw) -> DataConfig:
-    return DataConfig(sources=[SourceConfig("wrong", str(shard))], tokenizer=tokenizer, batch_size=1, num_workers=0,
-                      sam_image_size=32, beit_image_size=16, shuffle_buffer=1, samples_per_epoch=1000, **kw)
+def _config(shard, tokenizer: str, **kw) -> tuple[DataConfig, PipelineSettings]:
+    return pipeline(tokenizer, train=[SourceConfig("wrong", [str(shard)])], batch_size=1, num_workers=0,
+                    sam_image_size=32, beit_image_size=16, shuffle_buffer=1, samples_per_epoch=1000, **kw)
 
 
 def test_training_stream_skips_and_counts_every_wrong_shape(wrong_shard, tokenizer_dir, caplog):
     shard, good = wrong_shard
     with caplog.at_level(logging.WARNING):
-        batches = consume(EvfDataModule(_config(shard, tokenizer_dir)), len(good))
+        batches = consume(EvfDataModule(*_config(shard, tokenizer_dir)), len(good))
     assert sorted(k for b in batches for k in b["keys"]) == sorted(good)
     total = Counter()
     for b in batches:
@@ -84,7 +86,7 @@ def test_training_stream_skips_and_counts_every_wrong_shape(wrong_shard, tokeniz
 def test_strict_mode_stops_naming_shard_and_key(wrong_shard, tokenizer_dir):
     shard, good = wrong_shard
     with pytest.raises(DataError, match=r"strict data mode: .*s0\.tar.*sample bad_\w+.*record key `"):
-        consume(EvfDataModule(_config(shard, tokenizer_dir, strict=True)), len(good))
+        consume(EvfDataModule(*_config(shard, tokenizer_dir, strict=True)), len(good))
 
 
 def test_eval_counts_unreadable_shards_without_sizes_json(tmp_path, tokenizer_dir, caplog):
@@ -92,9 +94,9 @@ def test_eval_counts_unreadable_shards_without_sizes_json(tmp_path, tokenizer_di
     split.mkdir()
     write_shard(split / "a-000000.tar", [_members(f"v{i}") for i in range(3)])
     (split / "a-000001.tar").write_bytes(b"not a tar archive" * 40)  # no sizes.json: counted by reading
-    source = SourceConfig("val", str(split))
-    dm = EvfDataModule(DataConfig(sources=[source], test_sources=[source], tokenizer=tokenizer_dir, batch_size=2,
-                                  num_workers=0, sam_image_size=32, beit_image_size=16, samples_per_epoch=10))
+    source = SourceConfig("val", [str(split)])
+    dm = EvfDataModule(*pipeline(tokenizer_dir, train=[source], batch_size=2, num_workers=0, sam_image_size=32,
+                                 beit_image_size=16, samples_per_epoch=10), test_sources=[source])
     with caplog.at_level(logging.WARNING):
         batches = list(dm.eval_stream(source))
     total = Counter()

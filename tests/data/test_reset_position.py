@@ -9,7 +9,7 @@ import pytest
 
 from evfsam_lightning.config import ConfigError
 from evfsam_lightning.data.datamodule import EvfDataModule
-from tests.data.conftest import config, consume
+from tests.data.conftest import consume, data_settings
 
 
 def _keys(batches: list[dict]) -> list[list[str]]:
@@ -20,8 +20,8 @@ def _saved_run(tokenizer_dir, root, world_size: int, workers: int, batch_size: i
     """The data state a checkpoint of a `world_size`-rank run holds after `steps` batches per rank."""
     states = []
     for rank in range(world_size):
-        dm = EvfDataModule(config(tokenizer_dir, root, num_workers=workers, batch_size=batch_size), rank=rank,
-                           world_size=world_size)
+        dm = EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=workers, batch_size=batch_size),
+                           rank=rank, world_size=world_size)
         consume(dm, steps)
         states.append(dm.state_dict())  # outside torch.distributed: each holds its own rank
     merged = dict(states[0])
@@ -52,8 +52,8 @@ def test_reset_data_position_restarts_past_every_started_shard(three_sources, to
     state = _saved_run(tokenizer_dir, root, w_old, workers_old, b_old, steps)
 
     def module(rank: int) -> EvfDataModule:
-        return EvfDataModule(config(tokenizer_dir, root, num_workers=workers_new, batch_size=b_new), rank=rank,
-                             world_size=w_new)
+        return EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=workers_new, batch_size=b_new),
+                             rank=rank, world_size=w_new)
 
     with pytest.raises(ConfigError, match=r"world_size: saved .*checkpoint\.reset_data_position=true"):
         module(0).load_state_dict(state)
@@ -67,7 +67,7 @@ def test_reset_data_position_restarts_past_every_started_shard(three_sources, to
         consumed = steps * b_old * w_old
         bpe = dm.batches_per_epoch
         assert dm.position.batch_index == math.ceil(math.ceil(consumed / (b_new * w_new)) / bpe) * bpe
-        n_new, bs = w_new * dm.workers, dm.config.shuffle_shards
+        n_new, bs = w_new * dm.workers, dm.data.shuffle_shards
         for w, readers in enumerate(dm.position.readers):
             for s, (block, emitted) in enumerate(readers):
                 assert emitted == 0
@@ -89,7 +89,7 @@ def test_reset_data_position_restarts_past_every_started_shard(three_sources, to
 def test_reset_is_refused_when_more_than_the_layout_changed(three_sources, tokenizer_dir):
     root, _ = three_sources
     state = _saved_run(tokenizer_dir, root, 1, 0, 4, 2)
-    dm = EvfDataModule(config(tokenizer_dir, root, batch_size=2, seed=8), rank=0, world_size=2)
+    dm = EvfDataModule(*data_settings(tokenizer_dir, root, batch_size=2, seed=8), rank=0, world_size=2)
     dm.reset_data_position = True
     with pytest.raises(ConfigError, match="seed: saved 7, now 8") as err:
         dm.load_state_dict(state)

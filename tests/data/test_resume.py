@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from evfsam_lightning.data.datamodule import EvfDataModule
-from tests.data.conftest import config, consume
+from tests.data.conftest import consume, data_settings
 
 
 def _view(batches: list[dict]) -> list[tuple]:
@@ -34,7 +34,7 @@ def test_resume_mid_epoch_replays_the_uninterrupted_stream_two_ranks_two_workers
     root, _ = three_sources
 
     def module():
-        return EvfDataModule(config(tokenizer_dir, root, num_workers=2), rank=rank, world_size=2)
+        return EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=2), rank=rank, world_size=2)
 
     total = 14
     full = module()
@@ -51,40 +51,40 @@ def test_resume_mid_epoch_replays_the_uninterrupted_stream_two_ranks_two_workers
 
 def test_stopping_and_restarting_the_loader_loses_no_prefetched_batch(three_sources, tokenizer_dir):
     root, _ = three_sources
-    reference = _view(consume(EvfDataModule(config(tokenizer_dir, root, num_workers=2)), 9))
-    dm = EvfDataModule(config(tokenizer_dir, root, num_workers=2))
+    reference = _view(consume(EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=2)), 9))
+    dm = EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=2))
     pieces = [consume(dm, n) for n in (1, 2, 1, 5)]  # each call abandons workers that prefetched ahead
     assert _view([b for p in pieces for b in p]) == reference
 
 
 def test_num_workers_zero_and_one_are_the_same_stream(three_sources, tokenizer_dir):
     root, _ = three_sources
-    zero = EvfDataModule(config(tokenizer_dir, root, num_workers=0))
+    zero = EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=0))
     reference = _view(consume(zero, 7))
-    one = EvfDataModule(config(tokenizer_dir, root, num_workers=0))
+    one = EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=0))
     consume(one, 4)
-    other = EvfDataModule(config(tokenizer_dir, root, num_workers=1))
+    other = EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=1))
     other.load_state_dict(one.state_dict())
     assert _view(consume(other, 3)) == reference[4:]
 
 
 def test_changed_topology_fails_with_a_clear_message(three_sources, tokenizer_dir):
     root, _ = three_sources
-    dm = EvfDataModule(config(tokenizer_dir, root, num_workers=2), rank=1, world_size=2)
+    dm = EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=2), rank=1, world_size=2)
     consume(dm, 3)
     state = dm.state_dict()
     with pytest.raises(ValueError, match=r"workers: saved 2, now 3.*resume with the saved values"):
-        EvfDataModule(config(tokenizer_dir, root, num_workers=3), rank=1, world_size=2).load_state_dict(state)
+        EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=3), rank=1, world_size=2).load_state_dict(state)
     with pytest.raises(ValueError, match=r"world_size: saved 2, now 4"):
-        EvfDataModule(config(tokenizer_dir, root, num_workers=2, samples_per_epoch=48), rank=1,
+        EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=2, samples_per_epoch=48), rank=1,
                       world_size=4).load_state_dict(state)
     with pytest.raises(ValueError, match=r"holds ranks \['1'\], not rank 0"):
-        EvfDataModule(config(tokenizer_dir, root, num_workers=2), rank=0, world_size=2).load_state_dict(state)
+        EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=2), rank=0, world_size=2).load_state_dict(state)
 
 
 def test_a_batch_consumed_out_of_order_is_refused(three_sources, tokenizer_dir):
     root, _ = three_sources
-    dm = EvfDataModule(config(tokenizer_dir, root, num_workers=0))
+    dm = EvfDataModule(*data_settings(tokenizer_dir, root, num_workers=0))
     batches = list(zip(range(2), iter(dm.train_dataloader()), strict=False))
     with pytest.raises(RuntimeError, match="batch 1 of rank 0 was consumed where batch 0"):
         dm.on_before_batch_transfer(batches[1][1], 0)
@@ -109,17 +109,13 @@ def _run_job(args: list[str], tmp: Path) -> None:
 @pytest.mark.distributed
 def test_real_ddp_resume_consumes_the_same_keys(three_sources, tokenizer_dir, tmp_path):
     root, _ = three_sources
-    cfg = config(tokenizer_dir, root, num_workers=2)
-    cfg_path = tmp_path / "data.json"
-    cfg_path.write_text(json.dumps({
-        **{k: v for k, v in vars(cfg).items() if not k.endswith("sources")},
-        "sources": [vars(s) for s in cfg.sources]}))
+    data = ["--tokenizer", tokenizer_dir, "--shards", str(root)]  # the job builds data_settings(..., num_workers=2)
     # 6 batches per epoch and rank; the checkpoint after step 4 is mid-epoch, the run ends in epoch 2.
-    _run_job(["--config", str(cfg_path), "--out", str(tmp_path / "full"), "--max-steps", "9", "--save-every", "4"],
+    _run_job([*data, "--out", str(tmp_path / "full"), "--max-steps", "9", "--save-every", "4"],
              tmp_path)
     ckpt = tmp_path / "full" / "ckpt" / "step=4.ckpt"
     assert ckpt.is_file(), sorted(os.listdir(tmp_path / "full" / "ckpt"))
-    _run_job(["--config", str(cfg_path), "--out", str(tmp_path / "resumed"), "--max-steps", "9",
+    _run_job([*data, "--out", str(tmp_path / "resumed"), "--max-steps", "9",
               "--ckpt", str(ckpt)], tmp_path)
     for rank in (0, 1):
         full = json.loads((tmp_path / "full" / f"rank{rank}.json").read_text())

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from evfsam_lightning.data.datamodule import EvfDataModule, data_config_from_dict, load_data_config
+from evfsam_lightning.data.datamodule import EvfDataModule
 from evfsam_lightning.data.schema import encode_sample
 from evfsam_lightning.data.skips import SkipLog
 from evfsam_lightning.data.stream import expand_urls, iter_shard, shard_sizes
 from evfsam_lightning.data.transforms import beit3_preprocess, sam2_preprocess, sam_preprocess
-from tests.data.conftest import config, consume, make_sample, write_shard
+from tests.data.conftest import consume, data_settings, make_sample, write_shard
 
 
 def test_expand_urls_handles_braces_directories_globs_pipes_and_lists(three_sources):
@@ -53,8 +53,8 @@ def test_pipe_urls_read_the_same_samples_as_paths(three_sources):
 @pytest.mark.parametrize("sampling", ["sentences", "objects"])
 def test_batch_dict_matches_the_exact_preprocessing(three_sources, tokenizer_dir, sampling):
     root, samples = three_sources
-    dm = EvfDataModule(config(tokenizer_dir, root, batch_size=3, max_expressions_per_image=2,
-                              expression_sampling=sampling))
+    dm = EvfDataModule(*data_settings(tokenizer_dir, root, batch_size=3, max_expressions_per_image=2,
+                                      expression_sampling=sampling))
     for batch in consume(dm, 6):
         b, n = len(batch["keys"]), len(batch["expressions"])
         assert b == 3 and "_stream" not in batch
@@ -93,7 +93,7 @@ def test_batch_dict_matches_the_exact_preprocessing(three_sources, tokenizer_dir
 
 def test_sam2_variant_uses_the_square_resize(three_sources, tokenizer_dir):
     root, samples = three_sources
-    batch = consume(EvfDataModule(config(tokenizer_dir, root, sam_variant="sam2")), 1)[0]
+    batch = consume(EvfDataModule(*data_settings(tokenizer_dir, root, sam_variant="sam2")), 1)[0]
     sam, hw = sam2_preprocess(samples[batch["keys"][0]].decode_image(), 64)
     assert torch.equal(batch["sam_pixel_values"][0], sam) and batch["resize_hw"][0].tolist() == [64, 64]
 
@@ -102,7 +102,8 @@ def test_same_seed_same_stream_other_seed_other_stream(three_sources, tokenizer_
     root, _ = three_sources
 
     def run(**kw):
-        return [(b["keys"], b["expressions"]) for b in consume(EvfDataModule(config(tokenizer_dir, root, **kw)), 8)]
+        batches = consume(EvfDataModule(*data_settings(tokenizer_dir, root, **kw)), 8)
+        return [(b["keys"], b["expressions"]) for b in batches]
 
     assert run() == run()
     assert run() != run(seed=8)
@@ -110,7 +111,7 @@ def test_same_seed_same_stream_other_seed_other_stream(three_sources, tokenizer_
 
 def test_batch_mixing_gives_single_source_batches(three_sources, tokenizer_dir):
     root, _ = three_sources
-    batches = consume(EvfDataModule(config(tokenizer_dir, root, mixing="batch", batch_size=3)), 10)
+    batches = consume(EvfDataModule(*data_settings(tokenizer_dir, root, mixing="batch", batch_size=3)), 10)
     assert all(len(set(b["sources"])) == 1 for b in batches)
     assert len({b["sources"][0] for b in batches}) > 1
 
@@ -123,29 +124,9 @@ def test_gzipped_shards_are_read(tmp_path, tokenizer_dir):
     assert [s["__key__"] for s in iter_shard(str(tmp_path / "a.tar.gz"), SkipLog(strict=True))] == ["k0", "k1", "k2"]
 
 
-def test_yaml_config_round_trip_and_unknown_keys(tmp_path, tokenizer_dir):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(f"""data:
-  tokenizer: {tokenizer_dir}
-  batch_size: 4
-  sources:
-    - {{name: refcoco, urls: "shards/refcoco-{{000000..000009}}.tar", weight: 16}}
-    - {{name: ade20k, urls: [a.tar, b.tar], weight: 4}}
-  val_sources:
-    - {{name: refcoco_val, urls: val.tar}}
-""")
-    cfg = load_data_config(str(path))
-    assert cfg.batch_size == 4 and [s.weight for s in cfg.sources] == [16, 4]
-    assert cfg.val_sources[0].name == "refcoco_val"
-    with pytest.raises(ValueError, match="unknown keys \\['batchsize'\\]"):
-        data_config_from_dict({"tokenizer": tokenizer_dir, "batchsize": 2})
-    with pytest.raises(ValueError, match="mixing"):
-        data_config_from_dict({"tokenizer": tokenizer_dir, "mixing": "random"})
-
-
 def test_missing_local_shard_fails_at_setup_naming_it(three_sources, tokenizer_dir):
     root, _ = three_sources
-    cfg = config(tokenizer_dir, root)
-    cfg.sources[1].urls = str(root / "ade20k" / "ade20k-{000000..000003}.tar")
+    data, settings = data_settings(tokenizer_dir, root)
+    data.train[1].urls = [str(root / "ade20k" / "ade20k-{000000..000003}.tar")]
     with pytest.raises(FileNotFoundError, match="ade20k.*ade20k-000003.tar"):
-        EvfDataModule(cfg).setup("fit")
+        EvfDataModule(data, settings).setup("fit")

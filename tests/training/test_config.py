@@ -60,6 +60,7 @@ def test_multitask_recipe_is_the_reference_setting():
     (["model.lora.rank=-1"], "model.lora.rank"),
     (["checkpoint.early_stopping_patience=-2"], "early_stopping_patience"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs"),
+    (["data.val=[{name: a, urls: [x]}, {name: a, urls: [y]}]"], "data.val: source names must differ"),
 ])
 def test_bad_configs_fail_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=None) as err:
@@ -100,19 +101,19 @@ def test_pretrained_folder_gives_the_size_and_names_a_missing_file(tmp_path, tin
 
 
 def test_epochs_become_steps_from_the_shard_sizes(tmp_path):
-    from evfsam_lightning.data.datamodule import DataConfig, SourceConfig
+    from evfsam_lightning.config import DataConfig, SourceConfig
     from evfsam_lightning.training.run import resolve_epochs
 
     (tmp_path / "sizes.json").write_text('{"shards": {"a-000000.tar": 70, "a-000001.tar": 30}}')
     for name in ("a-000000.tar", "a-000001.tar"):
         (tmp_path / name).write_bytes(b"")
     cfg = load(REPO / "recipes" / "finetune_custom.yaml")
-    cfg = resolve_epochs(cfg, DataConfig(sources=[SourceConfig("a", [str(tmp_path / "a-{000000..000001}.tar")])]))
+    cfg = resolve_epochs(cfg, DataConfig(train=[SourceConfig("a", [str(tmp_path / "a-{000000..000001}.tar")])]))
     assert (cfg.trainer.max_steps, cfg.trainer.val_every_n_steps) == (125, 6)  # 100 images / 16 x 20, x 1
 
 
 def test_sam_resize_auto_keeps_the_workers_resize_on_a_cpu_run():
-    from evfsam_lightning.training.run import resolve_sam_resize
+    from evfsam_lightning.training.data_setup import resolve_sam_resize
 
     base = ["data.synthetic.dir=unused", "trainer.accelerator=cpu"]
     assert resolve_sam_resize(load(QUICKSTART, base)) == "worker"  # the quickstart's auto, on a CPU

@@ -14,8 +14,8 @@ from evfsam_lightning.config import ConfigError, load
 from evfsam_lightning.data.datamodule import EvfDataModule
 from evfsam_lightning.data.embedding_cache import MANIFEST, EmbeddingCacheError
 from evfsam_lightning.models.builders import model_config
+from evfsam_lightning.training.data_setup import data_for_run
 from evfsam_lightning.training.module import EvfSamModule
-from evfsam_lightning.training.run import data_config
 from tests.training.conftest import QUICKSTART, small_run
 
 
@@ -31,7 +31,7 @@ def cache_dir(synthetic_dir, tmp_path_factory):
 
 
 def _first_batch(cfg) -> dict:
-    dm = EvfDataModule(data_config(cfg, model_config(cfg.model.size)), rank=0, world_size=1)
+    dm = EvfDataModule(*data_for_run(cfg, model_config(cfg.model.size)), rank=0, world_size=1)
     batch = next(iter(dm.train_dataloader()))
     return dm.on_after_batch_transfer(dm.on_before_batch_transfer(batch, 0), 0)
 

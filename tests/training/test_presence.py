@@ -334,9 +334,9 @@ def test_presence_head_learns_no_target_where_empty_masks_do_not(tmp_path, synth
 
 
 def test_resume_with_negatives_replays_the_uninterrupted_stream(tmp_path, tokenizer_dir):  # noqa: F811
+    from evfsam_lightning.config import SourceConfig
     from evfsam_lightning.data.datamodule import EvfDataModule
-    from evfsam_lightning.data.datamodule import SourceConfig as DataSource
-    from tests.data.conftest import config, consume, write_source
+    from tests.data.conftest import consume, data_settings, write_source
     from tests.data.test_resume import _checkpoint_round_trip, _view
 
     write_source(tmp_path, "ade20k", 15, 3)
@@ -344,9 +344,9 @@ def test_resume_with_negatives_replays_the_uninterrupted_stream(tmp_path, tokeni
         {"template": "[semantic] {}", "names": ["thing", "car", "tree", "sky"]}))
 
     def module():
-        cfg = config(tokenizer_dir, tmp_path, num_workers=2, negatives_per_image=2, samples_per_epoch=12,
-                     sources=[DataSource("ade20k", str(tmp_path / "ade20k"), 1.0)])
-        return EvfDataModule(cfg, rank=1, world_size=2)
+        pair = data_settings(tokenizer_dir, tmp_path, num_workers=2, negatives_per_image=2, samples_per_epoch=12,
+                             train=[SourceConfig("ade20k", [str(tmp_path / "ade20k")], 1.0)])
+        return EvfDataModule(*pair, rank=1, world_size=2)
 
     total, step = 8, 3
     reference = _view(consume(module(), total))
