@@ -72,8 +72,8 @@ class ConversionPlan:
     splits: list[str]
     skipped: list[Skip] = field(default_factory=list)
     vocabulary: dict[str, Any] | None = None
-    """{"template", "names"}: the source's category vocabulary, written as `vocabulary.json` into
-    every split folder (no-target negatives, docs/no_target.md)."""
+    """{"template" or "templates", "names"}: the source's category vocabulary, written as
+    `vocabulary.json` into every split folder (no-target negatives, docs/no_target.md)."""
 
 
 def hash_split(image_file: str, val_fraction: float, seed: int = 0) -> str:

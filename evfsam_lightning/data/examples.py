@@ -86,10 +86,34 @@ VOCABULARY_FILE = "vocabulary.json"
 @dataclass(frozen=True)
 class Vocabulary:
     """The category names a source's converter recorded (`vocabulary.json` beside `sizes.json`:
-    {"template": "[semantic] {}", "names": [...]}); `template` turns a name into an expression."""
+    {"templates": ["[semantic] {}"], "names": [...]}) and the forms a negative is phrased in: each
+    template turns a name into an expression, one drawn uniformly per negative (a template listed
+    twice is drawn twice as often). `"template": "..."` is the same as a list of one."""
 
     names: tuple[str, ...] = ()
-    template: str = "{}"
+    templates: tuple[str, ...] = ("{}",)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.templates, str) or not self.templates:
+            raise ValueError(f"templates must be a non-empty list of strings, not {self.templates!r}")
+        for t in self.templates:
+            try:
+                once = isinstance(t, str) and t.format("\0").count("\0") == 1
+            except (IndexError, KeyError, ValueError):
+                once = False
+            if not once:
+                raise ValueError(f"template {t!r} must hold the name's place once, as {{}}")
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Vocabulary:
+        """A `vocabulary.json` record: {"names": [...]} with "templates": [...] or "template": "..."
+        (default "{}"), not both."""
+        if "template" in data and "templates" in data:
+            raise ValueError('give "template" or "templates", not both')
+        templates = data["templates"] if "templates" in data else [data.get("template", "{}")]
+        if not isinstance(templates, list) or not isinstance(data["names"], list):
+            raise ValueError('"templates" and "names" must be lists')
+        return cls(tuple(str(n) for n in data["names"]), tuple(templates))
 
     def absent(self, sample: Sample) -> list[str]:
         """The names that occur in none of the image's target objects (category, id, expressions;
@@ -102,41 +126,46 @@ class Vocabulary:
 
 
 def read_vocabulary(name: str, urls: list[str]) -> Vocabulary:
-    """The `vocabulary.json` files beside a source's local shards, merged (names in first-seen order)."""
+    """The `vocabulary.json` files beside a source's local shards, merged (names in first-seen order;
+    every file must phrase negatives with the same templates)."""
     names: list[str] = []
-    template = None
+    templates = None
     for folder in dict.fromkeys(os.path.dirname(u) for u in urls if "://" not in u and not u.startswith("pipe:")):
         path = os.path.join(folder, VOCABULARY_FILE)
         if not os.path.isfile(path):
             continue
         try:
             with open(path) as f:
-                data = json.load(f)
-            new, tpl = list(data["names"]), str(data.get("template", "{}"))
-            tpl.format("x")
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"source {name}: {path} is not a vocabulary ({{\"template\", \"names\"}}): {e}") from None
-        if template is not None and tpl != template:
-            raise ValueError(f"source {name}: {path} has template {tpl!r}, another folder {template!r}")
-        template = tpl
-        names += [str(n) for n in new if str(n) not in names]
+                vocabulary = Vocabulary.from_record(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"source {name}: {path} is not a vocabulary "
+                             f"({{\"templates\" or \"template\", \"names\"}}): {e}") from None
+        if templates is not None and vocabulary.templates != templates:
+            raise ValueError(f"source {name}: {path} has templates {list(vocabulary.templates)!r}, "
+                             f"another folder {list(templates)!r}")
+        templates = vocabulary.templates
+        names += [n for n in vocabulary.names if n not in names]
     if not names:
         log.warning("source %s: no %s beside its shards: no negatives drawn from it (data.negatives_per_image)",
                     name, VOCABULARY_FILE)
-    return Vocabulary(tuple(names), template or "{}")
+    return Vocabulary(tuple(names), templates or ("{}",))
 
 
 def add_negatives(sample: Sample, picks: list[tuple[int, int]], vocabulary: Vocabulary, k: int,
                   rng: np.random.Generator) -> tuple[Sample, list[tuple[int, int]]]:
-    """Up to k no-target objects (all-zero mask, one expression naming an absent category), drawn
-    with `rng` after the picks (so the stream stays a function of (seed, rank, batch, slot))."""
+    """Up to k no-target objects (all-zero mask, one expression naming an absent category in one of
+    the vocabulary's templates), drawn with `rng` after the picks (so the stream stays a function of
+    (seed, rank, batch, slot)); k = 0 or no absent name leaves `rng` untouched."""
     absent = vocabulary.absent(sample) if k > 0 else []
     if not absent:
         return sample, picks
     chosen = sorted(int(i) for i in rng.choice(len(absent), size=min(k, len(absent)), replace=False))
+    templates = vocabulary.templates
+    # A single template draws nothing more: those sources' streams are what they were before templates.
+    forms = rng.integers(len(templates), size=len(chosen)) if len(templates) > 1 else [0] * len(chosen)
     zeros = np.zeros((sample.height, sample.width), dtype=np.uint8)
-    extra = [SampleObject([vocabulary.template.format(absent[i])], zeros, category=absent[i], no_target=True)
-             for i in chosen]
+    extra = [SampleObject([templates[int(f)].format(absent[i])], zeros, category=absent[i], no_target=True)
+             for i, f in zip(chosen, forms, strict=True)]
     n = len(sample.objects)
     sample = dataclasses.replace(sample, objects=[*sample.objects, *extra])
     return sample, [*picks, *((n + j, 0) for j in range(len(extra)))]

@@ -48,15 +48,16 @@ def ensure_synthetic(cfg: RunConfig) -> tuple[Path, Path]:
     dataset; a partial one from before (no READY.json) is replaced. Returns (shard root, tokenizer)."""
     import shutil
 
-    from evfsam_lightning.data.sources.synthetic import generate_synthetic
+    from evfsam_lightning.data.sources.synthetic import VOCABULARY, generate_synthetic
     from evfsam_lightning.data.tokenizer import build_tokenizer
 
     syn = cfg.data.synthetic
     root = Path(syn.dir)
     done = root / "READY.json"
     with _file_lock(root.parent / f".{root.name}.lock"):
+        # The vocabulary too: a dataset from before its negatives took every form is regenerated.
         wanted = {"train": syn.train, "val": syn.val, "seed": syn.seed, "grammar": syn.grammar,
-                  "image_size": syn.image_size}
+                  "image_size": syn.image_size, "vocabulary": VOCABULARY}
         if done.is_file() and json.loads(done.read_text()) == wanted:
             return root, root / "tokenizer"
         for stale in root.parent.glob(f".{root.name}.tmp-*"):  # of a killed generation (we hold the lock)

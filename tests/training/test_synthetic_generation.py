@@ -33,6 +33,22 @@ def test_a_partial_dataset_is_replaced(tmp_path):
     assert not list(tmp_path.glob(".synthetic.tmp-*"))
 
 
+def test_a_dataset_with_another_vocabulary_is_regenerated(tmp_path):
+    import json
+
+    from evfsam_lightning.data.sources.synthetic import VOCABULARY
+
+    root = tmp_path / "synthetic"
+    ensure_synthetic(_cfg(root))
+    ready = json.loads((root / "READY.json").read_text())
+    # as written before the negatives took every colour form: one template
+    (root / "train" / "vocabulary.json").write_text(json.dumps({"template": "the {} shape", "names": ["red"]}))
+    (root / "READY.json").write_text(json.dumps({k: v for k, v in ready.items() if k != "vocabulary"}))
+    ensure_synthetic(_cfg(root))
+    assert json.loads((root / "train" / "vocabulary.json").read_text()) == VOCABULARY
+    assert json.loads((root / "READY.json").read_text()) == ready
+
+
 def test_a_folder_with_other_files_is_not_deleted(tmp_path):
     root = tmp_path / "mine"
     root.mkdir()

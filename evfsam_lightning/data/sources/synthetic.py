@@ -33,10 +33,14 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 GRAMMARS = ("colour", "full")
-#: Negatives name a colour absent from the image (every grammar keys on colour).
-VOCABULARY = {"template": "the {} shape", "names": list(COLOURS)}
 SPLITS = ("train", "val")
 _COLOUR_TEMPLATES = ("the {c} {s}", "the {c} shape", "the {c} one", "the {c} object")
+#: Negatives name a colour absent from the image (every grammar keys on colour), in the colour
+#: forms of the positives and as often as they occur there: each form equally often, "the {c} {s}"
+#: with each shape word equally often. A single form ("the {} shape") taught the presence head to
+#: reject that form instead of reading the colour (BENCHMARKS.md, "Presence head vs empty masks").
+VOCABULARY = {"templates": [t.format(c="{}", s=s) for t in _COLOUR_TEMPLATES for s in SHAPES],
+              "names": list(COLOURS)}
 # Where the extreme shape must lead the next one by this fraction of the image to be named by position.
 _CLEAR_GAP = 0.12
 
