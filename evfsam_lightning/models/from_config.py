@@ -64,7 +64,8 @@ def build_configured_model(cfg: RunConfig, device: str | torch.device | None = N
         (ck.load_hf_sam_checkpoint if path.is_dir() else ck.load_sam_checkpoint)(model, path)
     if m.beit3_checkpoint:
         ck.load_beit3_checkpoint(model, m.beit3_checkpoint)
-    on_meta = device is not None and torch.device(device).type == "meta"
+    # built without memory on purpose (an explicit or an ambient `torch.device("meta")`, e.g. FLOP counting)
+    on_meta = (torch.device(device) if device is not None else torch.empty(()).device).type == "meta"
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left and not on_meta:  # a checkpoint that lacked part of what it was to fill (load_into names missing keys first)
         raise ck.CheckpointError(f"model.pretrained / sam_checkpoint / beit3_checkpoint leave {len(left)} tensors "
