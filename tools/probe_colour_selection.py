@@ -36,6 +36,8 @@ from tests.models.test_video_tracking_acceptance import (  # noqa: E402
     FRAME,
     _tokenizer,
     moving_clip,
+    optimizer,
+    optimizer_step,
 )
 
 
@@ -82,9 +84,8 @@ def main() -> None:
     cfg.sam = dataclasses.replace(cfg.sam, image_size=args.image_size)
     model = build_model(cfg).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     steps = args.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * (1 - s / (steps + 1)))
+    opt, sched = optimizer(params, args.lr, steps, warmup=50)
     rng = np.random.default_rng(args.seed)
     start, losses = time.perf_counter(), []
     for step in range(steps):
@@ -92,12 +93,7 @@ def main() -> None:
         out = model(_batch(model, tokenizer, [video[0] for video, _, _ in clips], [texts for _, _, texts in clips]))
         targets = [torch.from_numpy(np.stack([m[0] for m in masks])).to(torch.uint8) for _, masks, _ in clips]
         loss = mask_loss(out.logits, targets, bce_weight=0.5, dice_weight=2.0)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, opt, sched, params))
         if (step + 1) % args.every == 0 or step + 1 == steps:
             aware, blind = held_out_j(model, tokenizer)
             print(f"{args.model}@{args.image_size} step {step + 1}: loss {np.mean(losses[-args.every:]):.3f}, "

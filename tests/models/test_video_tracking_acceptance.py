@@ -72,6 +72,22 @@ def _model():
     return build_model(cfg)
 
 
+def optimizer(params, lr: float, steps: int, warmup: int):
+    """AdamW with linear warmup over `warmup` steps, then linear decay to 0 at `steps`."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (1 - s / (steps + 1)))
+
+
+def optimizer_step(loss: torch.Tensor, opt, sched, params) -> float:
+    """One step on `loss` with the gradient norm clipped to 1; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 def train_tracker(model, tokenizer, steps: int, batch: int = 4, clip_frames: int = 3, seed: int = 0) -> list[float]:
     """Train `model` on random clips: text on frame 0, memory tracking on the next frames."""
     import torch.nn.functional as F
@@ -84,8 +100,7 @@ def train_tracker(model, tokenizer, steps: int, batch: int = 4, clip_frames: int
     model.train()
     model.visual_model.vision_encoder.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * (1 - s / (steps + 1)))
+    opt, sched = optimizer(params, LR, steps, warmup=20)
     tracker = Sam2VideoTracker(model.visual_model)
     rng = np.random.default_rng(seed)
     losses = []
@@ -110,12 +125,7 @@ def train_tracker(model, tokenizer, steps: int, batch: int = 4, clip_frames: int
         # that the named shape is present on every frame; the gated logits are clamped out of the loss.
         present = F.binary_cross_entropy_with_logits(torch.cat(scores), torch.ones_like(torch.cat(scores)))
         loss = mask_loss([lg.clamp_min(-20) for lg in logits], targets, bce_weight=0.5, dice_weight=2.0)["loss"] + present
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, opt, sched, params))
     model.eval()
     return losses
 
