@@ -252,11 +252,21 @@ _POSITIVE = ("optim.lr", "optim.eps", "model.lora.alpha")
 _FRACTION = ("optim.min_lr_ratio", "model.presence_threshold")  # in [0, 1]
 
 
-def _check_ranges(cfg: RunConfig) -> None:
-    for key, low in _AT_LEAST.items():
-        value = _get(cfg, key)
+def _check_at_least(obj: Any, table: dict[str, float], prefix: str = "") -> None:
+    for key, low in table.items():
+        value = _get(obj, key)
         if not value >= low:  # also refuses NaN
-            raise ConfigError(f"{key}={value} must be at least {low}")
+            raise ConfigError(f"{prefix}{key}={value} must be at least {low}")
+
+
+def _check_choices(obj: Any, table: dict[str, tuple], prefix: str = "") -> None:
+    for key, allowed in table.items():
+        if _get(obj, key) not in allowed:
+            raise ConfigError(f"{prefix}{key}={_get(obj, key)!r} is not allowed (allowed: {', '.join(allowed)})")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    _check_at_least(cfg, _AT_LEAST)
     for key in _POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be positive")
@@ -272,15 +282,9 @@ def validate_data(data: DataConfig) -> None:
     """The data section's own checks (ranges, allowed values, sources), with messages naming the
     `data.` key. `validate` runs them for a recipe; the data module runs them for a DataConfig
     built in code (evaluation, tests, benchmarks)."""
-    for key, low in _DATA_AT_LEAST.items():
-        if key.startswith("synthetic.") and data.synthetic is None:
-            continue
-        value = _get(data, key)
-        if not value >= low:  # also refuses NaN
-            raise ConfigError(f"data.{key}={value} must be at least {low}")
-    for key, allowed in _DATA_CHOICES.items():
-        if _get(data, key) not in allowed:
-            raise ConfigError(f"data.{key}={_get(data, key)!r} is not allowed (allowed: {', '.join(allowed)})")
+    _check_at_least(data, {k: low for k, low in _DATA_AT_LEAST.items()
+                           if data.synthetic is not None or not k.startswith("synthetic.")}, "data.")
+    _check_choices(data, _DATA_CHOICES, "data.")
     for src in data.train:
         if not src.weight > 0:
             raise ConfigError(f"data.train source {src.name!r}: weight={src.weight} must be positive")
@@ -341,9 +345,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         cfg.checkpoint.resume = "false"
     _check_ranges(cfg)
     validate_data(cfg.data)
-    for key, allowed in _CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not allowed (allowed: {', '.join(allowed)})")
+    _check_choices(cfg, _CHOICES)
     t = cfg.trainer
     for key in ("devices", "num_nodes", "global_batch_size", "micro_batch_size", "max_steps"):
         if getattr(t, key) < 1:
