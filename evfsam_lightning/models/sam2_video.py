@@ -107,6 +107,9 @@ class FrameResult:
     best_index: int
     is_cond: bool
     extras: dict = field(default_factory=dict)
+    #: (B, 1, h, w) the selected mask as the decoder gave it, before the object-score gating: what a trainer
+    #: puts its mask loss on (a gated mask is a constant, without gradient)
+    low_res_ungated: torch.Tensor | None = None
 
 
 @dataclass
@@ -227,9 +230,10 @@ class Sam2VideoTracker:
         extras["pix_feat_with_mem"] = pix
         decoder_feats = {"image_embeddings": pix, "high_res_feat_s0": feats["high_res_feat_s0"],
                          "high_res_feat_s1": feats["high_res_feat_s1"]}
-        index = torch.zeros(b, dtype=torch.long, device=pix.device)
+        index = torch.arange(b, device=pix.device)  # object i reads its own frame features (a batch of objects)
         masks, iou, tokens, score = vm.mask_decoder_outputs(decoder_feats, index, sparse, multimask_output=True)
         masks = masks.float()
+        ungated = masks
         appearing = score > 0
         masks = torch.where(appearing[:, :, None, None], masks, torch.tensor(NO_OBJ_SCORE, dtype=masks.dtype))
         size = self.cfg.image_size
@@ -259,7 +263,8 @@ class Sam2VideoTracker:
                           multimask_logits=masks)
         else:
             extras = {}
-        return FrameResult(t, low_res, filled, video_logits, obj_ptr, score, iou, int(best[0]), is_cond, extras)
+        return FrameResult(t, low_res, filled, video_logits, obj_ptr, score, iou, int(best[0]), is_cond, extras,
+                           ungated[rows, best][:, None])
 
 
 # -- the clip-level API ---------------------------------------------------------------------------
