@@ -180,6 +180,9 @@ def test_a_batch_of_objects_in_one_tracker_step_equals_each_object_alone(tiny):
                 single = tracker.step({k: v[i:i + 1] for k, v in feats.items()}, alone[i], t, False, (48, 64))
                 torch.testing.assert_close(together.low_res_ungated[i], single.low_res_ungated[0], atol=1e-4, rtol=1e-4)
                 torch.testing.assert_close(together.object_score[i], single.object_score[0], atol=1e-4, rtol=1e-4)
+    # a training clip's last frame: the same mask, no memory entry encoded
+    last = tracker.step(feats, batched, 2, False, (48, 64), store_memory=False)
+    assert 2 not in batched.non_cond and last.low_res_ungated.shape == together.low_res_ungated.shape
 
 
 def test_frames_without_the_object_give_empty_masks_and_no_object_pointers(tiny):

@@ -134,14 +134,14 @@ def train_tracker(model, tokenizer, steps: int, lr: float, batch: int, clip_fram
         clips = [moving_clip(rng, clip_frames) for _ in range(batch)]
         texts = [text for _, _, clip_texts in clips for text in clip_texts]
         ids, attn = tokenize(tokenizer, texts)
-        beit = torch.stack([transforms.beit3_preprocess(video[0], model.beit3_image_size)
-                            for video, _, clip_texts in clips for _ in clip_texts])
-        track = ObjectTrack(1, 0, model.prompt_embeddings(beit, ids, attn))
+        beit = torch.stack([transforms.beit3_preprocess(video[0], model.beit3_image_size) for video, _, _ in clips])
+        track = ObjectTrack(1, 0, model.prompt_embeddings(beit.repeat_interleave(3, dim=0), ids, attn))
         logits, targets, scores = [], [], []
         for t in range(clip_frames):
             pixels = torch.stack([video_frame_preprocess(video[t], IMAGE_SIZE) for video, _, _ in clips])
             feats = {k: v.repeat_interleave(3, dim=0) for k, v in tracker.frame_features(pixels).items()}
-            r = tracker.step(feats, track, t, False, (FRAME, FRAME))
+            # the clip's last frame has no next frame to remember it for
+            r = tracker.step(feats, track, t, False, (FRAME, FRAME), store_memory=t + 1 < clip_frames)
             logits.append(F.interpolate(r.low_res_ungated, size=(FRAME, FRAME), mode="bilinear",
                                         align_corners=False)[:, 0])
             targets.append(torch.from_numpy(np.stack([m[t] for _, masks, _ in clips for m in masks])).to(torch.uint8))
