@@ -38,6 +38,7 @@ from tests.models.test_video_tracking_acceptance import (  # noqa: E402
     moving_clip,
     optimizer,
     optimizer_step,
+    torch_default_init,
 )
 
 
@@ -72,6 +73,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-sam2", help="named size (models/builders.py)")
     parser.add_argument("--image-size", type=int, default=64, help="SAM input size")
+    parser.add_argument("--prompt-dim", type=int, default=None, help="SAM prompt/decoder width (default: the size's)")
+    parser.add_argument("--torch-init", action="store_true", help="re-initialise the image encoder with torch's defaults (the video acceptance test's)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--every", type=int, default=100, help="report every N steps")
@@ -82,7 +85,12 @@ def main() -> None:
     tokenizer = _tokenizer(Path(tempfile.mkdtemp()))
     cfg = model_config(args.model)
     cfg.sam = dataclasses.replace(cfg.sam, image_size=args.image_size)
+    if args.prompt_dim:
+        cfg.sam = dataclasses.replace(cfg.sam, prompt_dim=args.prompt_dim)
     model = build_model(cfg).train()
+    if args.torch_init:
+        for encoder in model.visual_model.image_encoder():
+            torch_default_init(encoder)
     params = [p for p in model.parameters() if p.requires_grad]
     steps = args.steps
     opt, sched = optimizer(params, args.lr, steps, warmup=50)

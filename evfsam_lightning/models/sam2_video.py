@@ -107,6 +107,9 @@ class FrameResult:
     best_index: int
     is_cond: bool
     extras: dict = field(default_factory=dict)
+    #: (B, 1, h, w) the selected mask as the decoder gave it, before the object-score gating: what a trainer
+    #: puts its mask loss on (a gated mask is a constant, without gradient)
+    low_res_ungated: torch.Tensor | None = None
 
 
 @dataclass
@@ -198,15 +201,16 @@ class Sam2VideoTracker:
                 "maskmem_features_fp32": features}
 
     def step(self, feats: dict, track: ObjectTrack, t: int, reverse: bool, video_hw: tuple[int, int],
-             keep_extras: bool = False) -> FrameResult:
+             keep_extras: bool = False, store_memory: bool = True) -> FrameResult:
         """Run one frame for one object (the prompt frame when `t == track.prompt_frame` and it has no
-        memory yet) and store its memory entry. The mask decoder and the memory attention run SDPA on
-        the math backend where the device allows, as the reference's video predictor does."""
+        memory yet) and store its memory entry (`store_memory=False`: not encoded, e.g. a training clip's
+        last frame). The mask decoder and the memory attention run SDPA on the math backend where the
+        device allows, as the reference's video predictor does."""
         with _math_sdpa(feats["vision"].device):
-            return self._step(feats, track, t, reverse, video_hw, keep_extras)
+            return self._step(feats, track, t, reverse, video_hw, keep_extras, store_memory)
 
     def _step(self, feats: dict, track: ObjectTrack, t: int, reverse: bool, video_hw: tuple[int, int],
-              keep_extras: bool) -> FrameResult:
+              keep_extras: bool, store_memory: bool = True) -> FrameResult:
         vm, c = self.vm, self.cfg.prompt_dim
         is_cond = t == track.prompt_frame and t not in track.cond
         extras: dict = {}
@@ -227,9 +231,10 @@ class Sam2VideoTracker:
         extras["pix_feat_with_mem"] = pix
         decoder_feats = {"image_embeddings": pix, "high_res_feat_s0": feats["high_res_feat_s0"],
                          "high_res_feat_s1": feats["high_res_feat_s1"]}
-        index = torch.zeros(b, dtype=torch.long, device=pix.device)
+        index = torch.arange(b, device=pix.device)  # object i reads its own frame features (a batch of objects)
         masks, iou, tokens, score = vm.mask_decoder_outputs(decoder_feats, index, sparse, multimask_output=True)
         masks = masks.float()
+        ungated = masks
         appearing = score > 0
         masks = torch.where(appearing[:, :, None, None], masks, torch.tensor(NO_OBJ_SCORE, dtype=masks.dtype))
         size = self.cfg.image_size
@@ -243,23 +248,26 @@ class Sam2VideoTracker:
         obj_ptr = lam * obj_ptr
         obj_ptr = obj_ptr + (1 - lam) * self.mem.no_obj_ptr
         filled = fill_holes(low_res, self.fill_hole_area)
-        if is_cond:
-            # The memory of a prompt frame is encoded later (propagation preflight) from its FILLED mask.
-            high_res_mem = F.interpolate(filled, size=(size, size), mode="bilinear", align_corners=False)
-            memory_entry = self._encode_memory(feats, high_res_mem, from_prompt=True)
-        else:
-            memory_entry = self._encode_memory(feats, high_res, from_prompt=False)
-        fp32 = memory_entry.pop("maskmem_features_fp32")
-        memory_entry["obj_ptr"] = obj_ptr
-        (track.cond if is_cond else track.non_cond)[t] = memory_entry
+        if store_memory:
+            if is_cond:
+                # The memory of a prompt frame is encoded later (propagation preflight) from its FILLED mask.
+                high_res_mem = F.interpolate(filled, size=(size, size), mode="bilinear", align_corners=False)
+                memory_entry = self._encode_memory(feats, high_res_mem, from_prompt=True)
+            else:
+                memory_entry = self._encode_memory(feats, high_res, from_prompt=False)
+            fp32 = memory_entry.pop("maskmem_features_fp32")
+            memory_entry["obj_ptr"] = obj_ptr
+            (track.cond if is_cond else track.non_cond)[t] = memory_entry
         video_logits = F.interpolate(filled, size=tuple(video_hw), mode="bilinear", align_corners=False)[0, 0]
         if keep_extras:
-            extras.update(maskmem_features_fp32=fp32, maskmem_features_bf16=memory_entry["maskmem_features"],
-                          maskmem_pos_enc=memory_entry["maskmem_pos_enc"], sam_output_tokens=tokens,
-                          multimask_logits=masks)
+            extras.update(sam_output_tokens=tokens, multimask_logits=masks)
+            if store_memory:
+                extras.update(maskmem_features_fp32=fp32, maskmem_features_bf16=memory_entry["maskmem_features"],
+                              maskmem_pos_enc=memory_entry["maskmem_pos_enc"])
         else:
             extras = {}
-        return FrameResult(t, low_res, filled, video_logits, obj_ptr, score, iou, int(best[0]), is_cond, extras)
+        return FrameResult(t, low_res, filled, video_logits, obj_ptr, score, iou, int(best[0]), is_cond, extras,
+                           ungated[rows, best][:, None])
 
 
 # -- the clip-level API ---------------------------------------------------------------------------

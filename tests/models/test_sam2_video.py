@@ -22,8 +22,11 @@ from evfsam_lightning.models.sam2_video import (
     NO_OBJ_SCORE,
     EvfSam2Video,
     ObjectPrompt,
+    ObjectTrack,
+    Sam2VideoTracker,
     fill_holes,
     processing_order,
+    video_frame_preprocess,
 )
 from evfsam_lightning.models.video_io import FolderFrames, as_frame_source
 
@@ -158,6 +161,28 @@ def test_several_objects_in_one_pass_equal_each_object_alone(tiny):
             assert bool((both[t][2] == NO_OBJ_SCORE).all())
         else:
             assert torch.equal(both[t][2], alone_b[t][2])
+
+
+def test_a_batch_of_objects_in_one_tracker_step_equals_each_object_alone(tiny):
+    """A trainer steps several objects at once, each on its own clip: object i must read clip i's
+    features, on the prompt frame and through the memory (all read clip 0's once, and training stalled)."""
+    tracker = Sam2VideoTracker(tiny.visual_model)
+    clips = [_clip(2), [np.ascontiguousarray(f[::-1, ::-1]) for f in _clip(2)]]
+    prompts = [_prompt(tiny, 5, 0).prompt, _prompt(tiny, 6, 0).prompt]
+    batched = ObjectTrack(1, 0, torch.cat(prompts))
+    alone = [ObjectTrack(1, 0, p) for p in prompts]
+    with torch.no_grad():
+        for t in range(2):
+            feats = tracker.frame_features(torch.stack([video_frame_preprocess(c[t], tiny.visual_model.image_size)
+                                                        for c in clips]))
+            together = tracker.step(feats, batched, t, False, (48, 64))
+            for i in range(2):
+                single = tracker.step({k: v[i:i + 1] for k, v in feats.items()}, alone[i], t, False, (48, 64))
+                torch.testing.assert_close(together.low_res_ungated[i], single.low_res_ungated[0], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(together.object_score[i], single.object_score[0], atol=1e-4, rtol=1e-4)
+    # a training clip's last frame: the same mask, no memory entry encoded
+    last = tracker.step(feats, batched, 2, False, (48, 64), store_memory=False)
+    assert 2 not in batched.non_cond and last.low_res_ungated.shape == together.low_res_ungated.shape
 
 
 def test_frames_without_the_object_give_empty_masks_and_no_object_pointers(tiny):
