@@ -3,6 +3,7 @@ quickstart run."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,37 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures"
+
+#: Memory of the largest test (the full-size smoke run, ~16 GiB) and what any other test may use beside it.
+_FULL_SIZE_GIB, _TEST_GIB = 16, 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): one worker per core, but no more than memory allows beside the
+    full-size run (24 GiB, 2 cores: 2 workers). PYTEST_XDIST_AUTO_NUM_WORKERS overrides."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(len(os.sched_getaffinity(0)), 1 + int(memory - _FULL_SIZE_GIB) // _TEST_GIB))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests that share a costly fixture run on one xdist worker (`--dist loadgroup`), so it is built
+    once: the README quickstart's training, a SLURM cluster, and any module-scoped fixture."""
+    for item in items:
+        fixturedefs = getattr(item, "_fixtureinfo", None)
+        scopes = {defs[-1].scope for defs in fixturedefs.name2fixturedefs.values()} if fixturedefs else set()
+        if "quickstart_run" in getattr(item, "fixturenames", ()):
+            group = "quickstart"
+        elif item.get_closest_marker("slurm") is not None:
+            group = "slurm"
+        elif "module" in scopes:
+            group = item.nodeid.split("::", 1)[0]
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 TINY_SENTENCES = [
     "the red circle", "the blue square on the left", "a green triangle", "the yellow one",
