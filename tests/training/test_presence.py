@@ -303,9 +303,9 @@ def test_eval_json_has_null_where_a_number_is_undefined(tmp_path, head_checkpoin
     assert split_line.split()[4] == "n/a" and "nan" not in "\n".join(table).lower()
 
 
-# -- acceptance: the same tiny model with and without the head, side by side -----------------------
-#: Optimizer steps of each of the two trainings (8 images a step, 2 expressions + 1 negative each).
-STEPS = 100
+# -- acceptance: the same released model fine-tuned with and without the head, side by side ----------
+#: Optimizer steps of each of the two fine-tunings (8 images a step, 2 expressions + 1 negative each).
+STEPS = 250
 
 
 def _val_split_with_negatives(folder, n: int = 32, seed: int = 0) -> tuple[int, int]:
@@ -335,24 +335,29 @@ def _val_split_with_negatives(folder, n: int = 32, seed: int = 0) -> tuple[int, 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("EVFSAM_PRESENCE_ACCEPTANCE") != "1",
-                    reason="issue 14's side-by-side acceptance run: with negatives in every colour form the head "
-                           "must learn colour presence, and the tiny model reaches only N-acc 0.50 / T-acc 0.91 after "
-                           "400 steps (~190 s CPU a leg), and no cheaper setting tried (input 64, 1600 images, a "
-                           "class-balanced loss, lr, presence_weight, a patch-level head) leaves chance level within "
-                           "400 steps (BENCHMARKS.md, section 3); opt-in (EVFSAM_PRESENCE_ACCEPTANCE=1) until it passes "
-                           "with margin within the CI budget")
-def test_presence_head_learns_no_target_where_empty_masks_do_not(tmp_path, synthetic_dir):
-    """Issue 14's acceptance: the same tiny model, seed and steps, trained with and without the head on
-    the synthetic shapes with negatives, scored by one validation pass at the end of each training (the
-    module's validation: the head's decision with the head, an empty mask as "no target" without)."""
+                    reason="issue 14's side-by-side acceptance run, opt-in (EVFSAM_PRESENCE_ACCEPTANCE=1): from the "
+                           "released quickstart model, 250 steps a leg (~95 s each) pass on seed 0 (N-acc 1.00, T-acc "
+                           "0.98, gIoU 0.924 vs 0.909) but not on seeds 1-2 (N-acc 0.92 / 0.85; gIoU 0.894 / 0.887 "
+                           "vs 0.915 / 0.912 for empty masks): BENCHMARKS.md")
+def test_presence_head_learns_no_target_where_empty_masks_do_not(tmp_path, quickstart_run):
+    """Issue 14's acceptance, the way recipes/evfsam_gres.yaml trains the head: from a released model
+    (the README quickstart's, exported to the official layout), image encoder frozen, negatives from
+    the source's vocabulary, fine-tuned for the same steps with and without the head, then scored by
+    one validation pass (with the head: its decision; without: an empty predicted mask). Changed
+    from the recipe: the data (the quickstart's synthetic shapes), size, length, lr 1e-3 and
+    presence_weight 5 (a short run). From scratch the tiny model does not learn colour presence
+    within a CI budget (BENCHMARKS.md); the released model already reads the colours."""
     import time
 
     import yaml
 
     from evfsam_lightning.config import load
     from evfsam_lightning.training.run import train
-    from tests.training.conftest import QUICKSTART, small_run
+    from tests.test_docs import write_released_checkpoint
+    from tests.training.conftest import QUICKSTART
 
+    quickstart = quickstart_run[0]
+    release = write_released_checkpoint(tmp_path / "released", quickstart)
     val = tmp_path / "val_gres"
     expressions, no_target = _val_split_with_negatives(val)
     assert 0.25 <= no_target / expressions <= 0.45
@@ -361,18 +366,25 @@ def test_presence_head_learns_no_target_where_empty_masks_do_not(tmp_path, synth
     path = tmp_path / "gres.yaml"
     path.write_text(yaml.safe_dump(recipe))
     results = {}
-    for head in (False, True):
-        wall, cpu = time.perf_counter(), time.process_time()
-        cfg = load(path, list(small_run(synthetic_dir, f"model.presence_head={str(head).lower()}",
-                                        "data.negatives_per_image=1", "data.max_expressions_per_image=2",
-                                        f"trainer.max_steps={STEPS}", "optim.warmup_steps=10",
-                                        "checkpoint.every_n_steps=0",
-                                        f"name=head_{str(head).lower()}", f"root_dir={tmp_path / 'runs'}",
-                                        "logging.tensorboard=false", "logging.progress_bar=false",
-                                        "logging.val_images=0")))
-        metrics = train(cfg).callback_metrics
-        results[head] = {k: float(metrics[f"val/{k}"]) for k in ("giou", "ciou", "n_acc", "t_acc")}
-        results[head]["seconds"] = (time.perf_counter() - wall, time.process_time() - cpu)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is as fast here, and leaves a core to the rest
+    try:
+        for head in (False, True):
+            wall, cpu = time.perf_counter(), time.process_time()
+            cfg = load(path, [f"model.pretrained={release}", "model.size=auto", "model.mode=frozen_image_encoder",
+                              f"model.presence_head={str(head).lower()}",
+                              f"data.synthetic.dir={quickstart / 'data' / 'synthetic'}", "data.num_workers=0",
+                              "data.negatives_per_image=1", "data.max_expressions_per_image=2",
+                              f"trainer.max_steps={STEPS}", f"trainer.val_every_n_steps={STEPS}",
+                              "optim.warmup_steps=10", "optim.lr=1e-3", "optim.presence_weight=5",
+                              "checkpoint.every_n_steps=0", f"name=head_{str(head).lower()}",
+                              f"root_dir={tmp_path / 'runs'}", "logging.tensorboard=false",
+                              "logging.progress_bar=false", "logging.val_images=0"])
+            metrics = train(cfg).callback_metrics
+            results[head] = {k: float(metrics[f"val/{k}"]) for k in ("giou", "ciou", "n_acc", "t_acc")}
+            results[head]["seconds"] = (time.perf_counter() - wall, time.process_time() - cpu)
+    finally:
+        torch.set_num_threads(threads)
     for head, r in results.items():
         print(f"presence_head={head}: gIoU {r['giou']:.3f} cIoU {r['ciou']:.3f} N-acc {r['n_acc']:.3f} "
               f"T-acc {r['t_acc']:.3f} ({expressions} expressions, {no_target} no-target; {STEPS} steps in "
