@@ -29,6 +29,16 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), 1 + int(memory - _FULL_SIZE_GIB) // _TEST_GIB))
 
 
+def pytest_configure(config) -> None:
+    """Under xdist each worker, and every process it starts, gets its share of the cores: OpenMP
+    threads spinning on an oversubscribed machine made the tiny quickstart over 4x slower."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        share = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests that share a costly fixture run on one xdist worker (`--dist loadgroup`), so it is built
