@@ -7,6 +7,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,17 @@ def pytest_configure(config) -> None:
         share = max(1, len(os.sched_getaffinity(0)) // int(workers))
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(share)
         torch.set_num_threads(share)
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models trained in the test process: on a shared CPU a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.hookimpl(tryfirst=True)

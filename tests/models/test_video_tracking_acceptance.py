@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from evfsam_lightning.data.sources.synthetic import COLOURS, SHAPES, shape_mask
+from tests.conftest import one_torch_thread
 
 FRAME = 48  # clip frames (FRAME x FRAME); the model reads them at its SAM-2 input size
 IMAGE_SIZE = 128  # tiny-sam2 at 128: an 8x8 stride-16 grid (at 64 its 4x4 grid learns no colour selection)
@@ -160,10 +161,8 @@ def train_tracker(model, tokenizer, steps: int, lr: float, batch: int, clip_fram
 def train_and_track(folder, seed: int = 0, clips: int = 8) -> dict:
     """Both training phases from a fresh model (`seed`), then J&F on `clips` held-out 6-frame clips with
     each clip's sentence and with the control sentence. One torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: on a shared CPU a second thread mostly waits (10x slower here)
     start = time.perf_counter()
-    try:
+    with one_torch_thread():
         torch.manual_seed(seed)
         tokenizer = _tokenizer(folder)
         model = _model()
@@ -178,8 +177,6 @@ def train_and_track(folder, seed: int = 0, clips: int = 8) -> dict:
             held_out.append((video, masks[k], texts[k]))
         text_aware = track_jf(model, tokenizer, held_out, lambda c: c[2])
         blind = track_jf(model, tokenizer, held_out, lambda c: CONTROL_TEXT)
-    finally:
-        torch.set_num_threads(threads)
     return {"text_aware": text_aware, "blind": blind, "prompt_losses": prompt_losses,
             "memory_losses": memory_losses, "trained_s": trained, "total_s": time.perf_counter() - start}
 
@@ -206,17 +203,13 @@ def track_jf(model, tokenizer, clips, text_of) -> float:
 def test_training_through_the_tracker_updates_the_prompt_and_memory_path(tmp_path):
     """Two steps of `train_tracker`: gradients reach BEiT-3, the projector, the decoder and the memory
     modules through a tracked frame, the frozen image encoder stays bit-identical."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         torch.manual_seed(0)
         tokenizer = _tokenizer(tmp_path / "tokenizer")
         model = _model()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         losses = train_tracker(model, tokenizer, steps=2, lr=MEMORY_PHASE[1], batch=2, clip_frames=2,
                                frozen=("visual_model.vision_encoder.",))
-    finally:
-        torch.set_num_threads(threads)
     assert all(np.isfinite(losses))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     for prefix in ("mm_extractor.", "text_hidden_fcs.", "visual_model.mask_decoder.",

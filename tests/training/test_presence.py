@@ -16,7 +16,7 @@ from evfsam_lightning.data.sources.synthetic import VOCABULARY, make_sample
 from evfsam_lightning.models import checkpoints as ck
 from evfsam_lightning.models.builders import build_model
 from evfsam_lightning.models.evfsam import NO_TARGET_LOGIT
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, one_torch_thread
 from tests.data.conftest import tokenizer_dir  # noqa: F401
 
 SYNTHETIC_VOCABULARY = Vocabulary.from_record(VOCABULARY)
@@ -366,9 +366,7 @@ def test_presence_head_learns_no_target_where_empty_masks_do_not(tmp_path, quick
     path = tmp_path / "gres.yaml"
     path.write_text(yaml.safe_dump(recipe))
     results = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is as fast here, and leaves a core to the rest
-    try:
+    with one_torch_thread():  # one thread is as fast here, and leaves a core to the rest
         for head in (False, True):
             wall, cpu = time.perf_counter(), time.process_time()
             cfg = load(path, [f"model.pretrained={release}", "model.size=auto", "model.mode=frozen_image_encoder",
@@ -383,8 +381,6 @@ def test_presence_head_learns_no_target_where_empty_masks_do_not(tmp_path, quick
             metrics = train(cfg).callback_metrics
             results[head] = {k: float(metrics[f"val/{k}"]) for k in ("giou", "ciou", "n_acc", "t_acc")}
             results[head]["seconds"] = (time.perf_counter() - wall, time.process_time() - cpu)
-    finally:
-        torch.set_num_threads(threads)
     for head, r in results.items():
         print(f"presence_head={head}: gIoU {r['giou']:.3f} cIoU {r['ciou']:.3f} N-acc {r['n_acc']:.3f} "
               f"T-acc {r['t_acc']:.3f} ({expressions} expressions, {no_target} no-target; {STEPS} steps in "
