@@ -7,10 +7,11 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, readme_setup_commands
+from tests.conftest import REPO, readme_setup_commands, run_shell
 
 
 def test_ruff_clean():
@@ -26,6 +27,16 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     ci = (REPO / ".ci" / "run").read_text()
     assert commands[1] in ci
+
+
+def test_a_shell_command_past_its_timeout_is_killed_with_its_children(tmp_path):
+    """The quickstart fixture runs the README command through the shell: at its timeout the
+    training the shell started must die too, not keep a core busy under the rest of the suite."""
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_shell("sleep 120 & echo $! > child; wait", tmp_path, timeout=2)
+    stat = Path(f"/proc/{int((tmp_path / 'child').read_text())}/stat")
+    # gone, or a zombie waiting for a reaper (the container's init may not reap)
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 @pytest.mark.slow
