@@ -149,7 +149,7 @@ class TrainerConfig:
     max_steps: int = doc(1000, "optimizer steps")
     max_epochs: float = doc(0.0, "if > 0: train this many passes over the training data (sets max_steps from "
                                  "the shards' sizes.json, so the recipe fits any dataset size)")
-    val_every_n_steps: int = doc(500, "validate every N optimizer steps (0: only at the end)")
+    val_every_n_steps: int = doc(500, "validate every N optimizer steps (0: once, at the last step)")
     val_every_n_epochs: float = doc(0.0, "if > 0: validate every this many passes (sets val_every_n_steps)")
     log_every_n_steps: int = doc(10, "scalar logging interval")
     limit_val_batches: int = doc(0, "validation batches per run (0: all)")

@@ -197,7 +197,9 @@ def build_trainer(cfg: RunConfig, extra_callbacks=()) -> L.Trainer:
         callbacks.append(EarlyStopping(monitor="val/ciou", mode="max", patience=cfg.checkpoint.early_stopping_patience,
                                        check_on_train_epoch_end=False))
     loggers = build_loggers(cfg, resuming=resume_path(cfg) is not None)
-    val_every = t.val_every_n_steps * accumulate if t.val_every_n_steps else None
+    # 0: once, at the last step. (Lightning's None validates at every end of epoch instead, so a run
+    # shorter than one pass over the data never validated.)
+    val_every = (t.val_every_n_steps or t.max_steps) * accumulate
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=build_strategy(cfg), max_steps=t.max_steps, accumulate_grad_batches=accumulate,

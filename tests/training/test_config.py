@@ -120,3 +120,24 @@ def test_sam_resize_auto_keeps_the_workers_resize_on_a_cpu_run():
     assert resolve_sam_resize(load(QUICKSTART, [*base, "data.sam_resize=device"])) == "device"
     with pytest.raises(ConfigError, match="data.sam_resize"):
         load(QUICKSTART, [*base, "data.sam_resize=gpu"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_steps, val_every, validated", [(3, 0, [3]), (4, 2, [2, 4])])
+def test_validation_runs_at_the_steps_asked_not_at_the_ends_of_epochs(tmp_path, synthetic_dir, max_steps, val_every,
+                                                                       validated):
+    """2 steps an epoch (16 images of 8): `val_every_n_steps=0` validates once, at the last step (it
+    validated at step 2, the end of the first epoch, and never at the end of the run), and N > 0 at
+    every N-th step. Each validation leaves its best-checkpoint candidate, named by its step."""
+    from evfsam_lightning.training.run import train
+    from tests.conftest import one_torch_thread
+    from tests.training.conftest import small_run
+
+    cfg = load(QUICKSTART, [*small_run(synthetic_dir), "data.samples_per_epoch=16", f"trainer.max_steps={max_steps}",
+                            f"trainer.val_every_n_steps={val_every}", "trainer.limit_val_batches=1",
+                            f"checkpoint.keep_top_k={max_steps}", "checkpoint.every_n_steps=0", "logging.val_images=0",
+                            "logging.tensorboard=false", "logging.progress_bar=false", f"root_dir={tmp_path}"])
+    with one_torch_thread():
+        train(cfg)
+    best = sorted(p.name for p in (tmp_path / cfg.name / "checkpoints").glob("best-*.ckpt"))
+    assert [int(name[len("best-step"):][:8]) for name in best] == validated, best
