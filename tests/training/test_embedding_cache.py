@@ -75,11 +75,18 @@ def test_training_runs_on_the_cache(synthetic_dir, cache_dir, tmp_path, monkeypa
     cfg = load(QUICKSTART, _overrides(synthetic_dir, f"data.embedding_cache={cache_dir}", f"root_dir={tmp_path}",
                                       "trainer.max_steps=2", "checkpoint.every_n_steps=2", "logging.tensorboard=false",
                                       "logging.progress_bar=false"))
-    calls = []
-    monkeypatch.setattr("evfsam_lightning.models.evfsam.EvfSam.encode_images",
-                        lambda self, pixels: calls.append(1) or (_ for _ in ()).throw(AssertionError("encoder ran")))
+    from evfsam_lightning.models.evfsam import EvfSam
+
+    encode, calls = EvfSam.encode_images, []
+
+    def encode_images(self, pixels):  # training steps read the cache; the validation at the end
+        calls.append(self.training)   # encodes its (uncached) images live, in eval mode
+        assert not self.training, "the image encoder ran in a training step"
+        return encode(self, pixels)
+
+    monkeypatch.setattr(EvfSam, "encode_images", encode_images)
     trainer = train(cfg)
-    assert trainer.global_step == 2 and not calls
+    assert trainer.global_step == 2 and calls and not any(calls)
 
 
 def test_config_refuses_the_cache_unless_the_encoder_is_frozen(tmp_path):
