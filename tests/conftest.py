@@ -79,16 +79,16 @@ def _longest_first(items: list) -> None:
     file's tests stay together and in their order. Sent last, a ten-minute group kept one worker
     busy while the other one sat idle."""
     def rank(item) -> int:
-        if "quickstart_run" in getattr(item, "fixturenames", ()):
+        group = item.get_closest_marker("xdist_group")
+        if group is not None and group.args[0] == "quickstart":
             return 0
         return 1 if item.get_closest_marker("slow") is not None else 2
 
     files: dict[str, int] = {}
     for item in items:
-        name = item.nodeid.split("::", 1)[0]
-        files[name] = min(files.get(name, 2), rank(item))
+        files[item.path] = min(files.get(item.path, 2), rank(item))
     order = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (files[item.nodeid.split("::", 1)[0]], order[id(item)]))
+    items.sort(key=lambda item: (files[item.path], order[id(item)]))
 
 
 TINY_SENTENCES = [
